@@ -1,0 +1,253 @@
+"""Command line: ``clbench run | sweep | data synth | data check | memory | plot``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from clbench.config import ConfigError
+
+RUN_EXAMPLES = textwrap.dedent(
+    """\
+    examples:
+      clbench run --method padim --tasks 5 --image-size 64            # synthetic data, first 5 tasks
+      clbench run --config configs/quickstart.yaml
+      clbench run --method padim --data-root /data/mvtec --tasks paper10 --backbone wide_resnet50_2 \\
+                  --weights imagenet --image-size 224 --device auto
+      clbench run --config configs/quickstart.yaml --resume            # continue a killed run
+      clbench run --method padim --strategy joint --tasks all --param n_features=50
+    """
+)
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalars, so --param n_features=50 is an int and layers=[layer1,layer2] a list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _parse_params(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    params = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag}: expected KEY=VALUE, got '{item}'")
+        params[key] = _parse_value(value)
+    return params
+
+
+def _parse_tasks(text: str | None) -> Any:
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    if "," in text:
+        return [t.strip() for t in text.split(",") if t.strip()]
+    return text
+
+
+def _add_run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a task-sequence experiment",
+        description="Train a method on a sequence of tasks, evaluating every task after every step.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, help="YAML config (flags override its keys)")
+    p.add_argument("--method", help="method name (see `clbench methods`)")
+    p.add_argument("--strategy", help="sequential | joint | replay")
+    p.add_argument("--tasks", help="comma list of categories, 'all', a count N (first N) or a preset (mvtec, paper10)")
+    p.add_argument("--task-order", dest="task_order", choices=["given", "shuffle"])
+    p.add_argument("--backbone", help="timm model name, e.g. resnet18, wide_resnet50_2")
+    p.add_argument("--weights", help="auto | none | imagenet | PATH to a local weights file")
+    p.add_argument("--image-size", dest="image_size", type=int)
+    p.add_argument("--val-fraction", dest="val_fraction", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--data-root", dest="data_root", help="dataset in MVTec AD layout (default: built-in synthetic)")
+    p.add_argument("--output", dest="output_dir", help="results folder (default: results)")
+    p.add_argument("--name", help="run folder name")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method hyper-parameter (repeatable)")
+    p.add_argument("--strategy-param", action="append", metavar="KEY=VALUE", help="strategy parameter (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run folder from its last completed step")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from clbench import config as config_mod
+    from clbench.runner import run_experiment
+
+    overrides = {
+        key: getattr(args, key)
+        for key in ("method", "strategy", "task_order", "backbone", "weights", "image_size", "val_fraction",
+                    "seed", "device", "data_root", "output_dir", "name")
+    }
+    overrides["tasks"] = _parse_tasks(args.tasks)
+    config = config_mod.load(args.config, overrides)
+    config.method_params.update(_parse_params(args.param, "--param"))
+    config.strategy_params.update(_parse_params(args.strategy_param, "--strategy-param"))
+    run_dir = run_experiment(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    _print_run(run_dir)
+    return 0
+
+
+def _print_run(run_dir: Path) -> None:
+    import json
+
+    import pandas as pd
+
+    from clbench.plots import accuracy_matrix
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    print(f"\nrun: {run_dir}")
+    print("pixel AUROC (rows: after training step; columns: evaluated task)")
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        print(accuracy_matrix(metrics, "pixel_auroc", summary["tasks"]).round(3).to_string())
+    for metric in ("pixel_auroc", "image_auroc", "pixel_aupro"):
+        values = summary["metrics"].get(metric)
+        if values:
+            print(f"{metric:12s} ACC {values['acc']:.3f}  BWT {values['bwt']:+.3f}  FM {values['fm']:.3f}")
+    print(f"plots: {run_dir / 'plots'}")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from clbench.synth import generate
+
+    names = generate(args.out, categories=args.categories, size=args.size, seed=args.seed)
+    print(f"wrote {len(names)} categories to {args.out}: {', '.join(names)}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from clbench.data import list_categories, load_category
+
+    rows = []
+    for name in list_categories(args.root):
+        c = load_category(args.root, name, args.val_fraction, args.seed, verify_images=True)
+        sizes = ", ".join(f"{w}x{h}" for w, h in c.image_sizes)
+        rows.append(dict(category=name, train=len(c.train), val=len(c.val),
+                         test_good=sum(s.label == 0 for s in c.test), test_defect=sum(s.label == 1 for s in c.test),
+                         defects=", ".join(c.defects), image_sizes=sizes))
+    if not rows:
+        raise ConfigError(f"{args.root}: no categories (folders with train/good)")
+    with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+        print(pd.DataFrame(rows).to_string(index=False))
+    print(f"{len(rows)} categories OK")
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
+    from clbench.memory import format_bytes
+    from methods.base import METHODS
+
+    params = _parse_params(args.param, "--param")
+    params.update(_flags_to_params(extra))
+    if args.backbone:
+        params["backbone"] = args.backbone
+    cls = METHODS.get(args.method)
+    components = cls.analytic_memory(params, args.image_size)
+    print(f"{args.method} at {args.image_size}px, analytic (fp32):")
+    state = sum(v for k, v in components.items() if k.startswith("method_state"))
+    for key, value in components.items():
+        print(f"  {key:32s} {value:>15,d} B  {format_bytes(value):>12s}")
+    print(f"  {'method state (total)':32s} {state:>15,d} B  {format_bytes(state):>12s}")
+    return 0
+
+
+def _flags_to_params(extra: list[str]) -> dict[str, Any]:
+    """Unknown ``--key value`` flags of ``clbench memory`` become method parameters (e.g. --budget)."""
+    params, i = {}, 0
+    while i < len(extra):
+        flag = extra[i]
+        if not flag.startswith("--") or i + 1 >= len(extra):
+            raise ConfigError(f"memory: cannot parse argument '{flag}' (use --KEY VALUE or --param KEY=VALUE)")
+        params[flag[2:].replace("-", "_")] = _parse_value(extra[i + 1])
+        i += 2
+    return params
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from clbench.plots import plot_run
+
+    for path in plot_run(args.run_dir, metrics=tuple(args.metric or ("pixel_auroc", "image_auroc"))):
+        print(path)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from methods.base import METHODS
+    from strategies.base import STRATEGIES
+
+    print("methods:    " + ", ".join(METHODS.names()))
+    print("strategies: " + ", ".join(STRATEGIES.names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clbench", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+
+    data = sub.add_parser("data", help="datasets: generate the synthetic one, check one on disk")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write the built-in synthetic dataset (MVTec layout)")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--categories", type=int, default=15)
+    synth.add_argument("--size", type=int, default=128)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_synth)
+    check = data_sub.add_parser("check", help="validate a dataset in MVTec layout and print a table")
+    check.add_argument("root", type=Path)
+    check.add_argument("--val-fraction", type=float, default=0.1)
+    check.add_argument("--seed", type=int, default=0)
+    check.set_defaults(func=cmd_check)
+
+    mem = sub.add_parser("memory", help="analytic memory of a method's state (e.g. --budget 30000 for patchcore)")
+    mem.add_argument("--method", required=True)
+    mem.add_argument("--backbone")
+    mem.add_argument("--image-size", type=int, default=224)
+    mem.add_argument("--param", action="append", metavar="KEY=VALUE")
+
+    plot = sub.add_parser("plot", help="(re)draw a run's plots")
+    plot.add_argument("run_dir", type=Path)
+    plot.add_argument("--metric", action="append")
+    plot.set_defaults(func=cmd_plot)
+
+    sub.add_parser("methods", help="list methods and strategies").set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "memory":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "memory":
+            return cmd_memory(args, extra)
+        if args.command == "run":
+            return cmd_run(args)
+        return args.func(args)
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, NotImplementedError) as err:
+        if args.debug:
+            raise
+        print(f"clbench: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

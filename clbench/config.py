@@ -1,0 +1,116 @@
+"""Run configuration: defaults, YAML + flag overrides, validation with one clear error per fault."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a config; the message names it."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. The resolved form is written to ``config.yaml``."""
+
+    method: str = "padim"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    strategy: str = "sequential"
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    tasks: Any = "all"  # list of categories | "all" | count | preset ("mvtec", "paper10")
+    task_order: str = "given"  # "given" | "shuffle" (seeded)
+    data_root: str = "data/synthetic"
+    synthetic: bool = True  # generate the built-in synthetic dataset at data_root if it is missing
+    synthetic_categories: int = 15
+    image_size: int = 128
+    val_fraction: float = 0.1  # held-out good training images (never the test set)
+    backbone: str | None = None  # overrides the method's backbone hyper-parameter
+    weights: str = "auto"  # auto | none | imagenet | <path to a local weights file>
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 32
+    feature_cache_gb: float = 4.0  # RAM for cached frozen-backbone features; spills to disk beyond
+    output_dir: str = "results"
+    name: str | None = None  # run folder name; default <method>-<strategy>-<backbone>-seed<seed>
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        backbone = self.backbone or self.method_params.get("backbone") or "default"
+        return f"{self.method}-{self.strategy}-{backbone}-seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: RunConfig, source: str = "config") -> RunConfig:
+    """Check types and ranges of the engine's own keys (methods check their own parameters)."""
+    c = config
+    for key in ("method", "strategy", "task_order", "data_root", "weights", "device", "output_dir"):
+        _check(isinstance(getattr(c, key), str) and getattr(c, key), f"{source}: '{key}' must be a non-empty string, got {getattr(c, key)!r}")
+    for key in ("method_params", "strategy_params"):
+        _check(isinstance(getattr(c, key), dict), f"{source}: '{key}' must be a mapping, got {getattr(c, key)!r}")
+    for key in ("image_size", "eval_batch_size", "synthetic_categories"):
+        value = getattr(c, key)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{source}: '{key}' must be a positive integer, got {value!r}")
+    _check(c.image_size >= 32, f"{source}: 'image_size' must be at least 32, got {c.image_size}")
+    _check(isinstance(c.seed, int) and not isinstance(c.seed, bool) and c.seed >= 0, f"{source}: 'seed' must be a non-negative integer, got {c.seed!r}")
+    _check(isinstance(c.val_fraction, (int, float)) and 0 <= c.val_fraction < 1, f"{source}: 'val_fraction' must be in [0, 1), got {c.val_fraction!r}")
+    _check(isinstance(c.feature_cache_gb, (int, float)) and c.feature_cache_gb >= 0, f"{source}: 'feature_cache_gb' must be >= 0, got {c.feature_cache_gb!r}")
+    _check(isinstance(c.synthetic, bool), f"{source}: 'synthetic' must be true or false, got {c.synthetic!r}")
+    _check(c.backbone is None or (isinstance(c.backbone, str) and c.backbone), f"{source}: 'backbone' must be a timm model name, got {c.backbone!r}")
+    _check(c.name is None or (isinstance(c.name, str) and c.name and "/" not in c.name), f"{source}: 'name' must be a folder name, got {c.name!r}")
+    _check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), f"{source}: 'device' must be auto, cpu or cuda[:N], got {c.device!r}")
+    tasks_ok = (
+        isinstance(c.tasks, str)
+        or (isinstance(c.tasks, int) and not isinstance(c.tasks, bool))
+        or (isinstance(c.tasks, list) and all(isinstance(t, str) for t in c.tasks))
+    )
+    _check(tasks_ok, f"{source}: 'tasks' must be a list of categories, 'all', a count or a preset, got {c.tasks!r}")
+    return c
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "config") -> RunConfig:
+    unknown = [k for k in data if k not in _FIELDS]
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(_FIELDS)})")
+    return validate(RunConfig(**dict(data)), source)
+
+
+def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Config from a YAML file (optional) with ``overrides`` (e.g. CLI flags) on top."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at top level")
+        data.update(loaded)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    return from_mapping(data, source)

@@ -1,0 +1,137 @@
+"""The one interface between the engine and an anomaly-detection method.
+
+The engine calls only what is here; it never knows which method it runs. A method:
+  * is an ``nn.Module`` whose learned state (Gaussian statistics, memory banks, network weights)
+    lives in parameters and registered buffers, so ``state_dict()`` carries it for resume;
+  * learns one task at a time through ``fit_task`` (the strategy decides what data it sees:
+    the current task, plus replayed images, or all tasks at once);
+  * scores a ``Batch`` through ``predict``: pixel maps at input resolution and image scores;
+  * gets frozen backbones from the run's shared ``BackbonePool`` (each image goes through a frozen
+    backbone once per run), and lists them in ``frozen_backbones`` for memory accounting;
+  * may describe the analytic size of its state in ``analytic_memory`` (``clbench memory``).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Mapping, Protocol
+
+import torch
+from torch import nn
+
+from clbench.backbones import BackbonePool, FrozenBackbone
+from clbench.data import Batch, SampleSet
+from clbench.registry import Registry
+
+METHODS: Registry["AnomalyMethod"] = Registry("method", "methods")
+
+
+@dataclass
+class Prediction:
+    """What a method returns for a batch: raw scores (no sigmoid, no normalisation)."""
+
+    maps: torch.Tensor  # float32 (B, H, W) at the input resolution
+    scores: torch.Tensor  # float32 (B,)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "task_index": (B,) int64
+
+
+class TrainStream(Protocol):
+    """Training data of one step, as the strategy mixes it (current task, replay, or all tasks)."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]: ...
+
+
+@dataclass
+class TaskData:
+    """Everything a method may use to learn one step. The test set is never in here."""
+
+    step: int  # 0-based index of the training step
+    task_names: tuple[str, ...]  # categories taught at this step (one, or all for joint)
+    train: TrainStream
+    val: SampleSet  # held-out good *training* images of these tasks (early stopping, normalisation)
+    seed: int = 0  # seed for this step's shuffling and initialisation
+
+
+@dataclass
+class MethodContext:
+    """Run-wide services a method is built with."""
+
+    backbones: BackbonePool
+    device: torch.device
+    image_size: int
+    seed: int = 0
+    progress: bool = True
+
+
+class AnomalyMethod(nn.Module, ABC):
+    """Base class of every method. Hyper-parameters are declared with their defaults in
+    ``hyperparameters``; ``__init__`` only stores them and builds the modules (scikit-learn style)."""
+
+    name: ClassVar[str]
+    hyperparameters: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, context: MethodContext, **params: Any) -> None:
+        super().__init__()
+        self.context = context
+        self.params = self.resolve_params(params)
+
+    @classmethod
+    def resolve_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults merged with ``params``; an unknown key is a one-line error naming it."""
+        unknown = sorted(set(params) - set(cls.hyperparameters))
+        if unknown:
+            known = ", ".join(sorted(cls.hyperparameters)) or "none"
+            raise ValueError(f"method_params: unknown key '{unknown[0]}' for method '{cls.name}' (known: {known})")
+        resolved = dict(cls.hyperparameters)
+        resolved.update(params)
+        return resolved
+
+    # -- the interface -------------------------------------------------------------------------
+    @abstractmethod
+    def fit_task(self, data: TaskData) -> None:
+        """Learn one step of the stream (continual: keep what earlier steps learned as designed)."""
+
+    @abstractmethod
+    def predict(self, batch: Batch) -> Prediction:
+        """Score a batch: pixel maps (B, H, W) at input resolution and image scores (B,)."""
+
+    def frozen_backbones(self) -> list[FrozenBackbone]:
+        """The shared frozen backbones this method uses (counted as its frozen parameters)."""
+        return []
+
+    @classmethod
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
+        """Bytes of the method's state by component, computed from shapes alone (no training)."""
+        raise NotImplementedError(f"method '{cls.name}' does not describe its analytic memory")
+
+    # -- shared behaviour ----------------------------------------------------------------------
+    def memory_components(self) -> dict[str, int]:
+        """Measured bytes: trainable/frozen parameters, persistent state, derived caches."""
+        trainable = sum(p.numel() * p.element_size() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() * p.element_size() for p in self.parameters() if not p.requires_grad)
+        frozen += sum(b.parameter_bytes() for b in self.frozen_backbones())
+        persistent = set(self.state_dict(keep_vars=True))
+        state = cache = 0
+        for name, buf in self.named_buffers():
+            size = buf.numel() * buf.element_size()
+            if name in persistent:
+                state += size
+            else:
+                cache += size
+        return {"model_trainable": trainable, "model_frozen": frozen, "method_state": state, "method_cache": cache}
+
+    def load_method_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Like ``load_state_dict`` but buffers take the saved shapes (state grows as tasks arrive)."""
+        buffers = dict(self.named_buffers())
+        for key, value in state.items():
+            if key in buffers and buffers[key].shape != value.shape:
+                module_path, _, attr = key.rpartition(".")
+                module = self.get_submodule(module_path) if module_path else self
+                module._buffers[attr] = torch.empty_like(value, device=buffers[key].device)
+        self.load_state_dict(state, strict=True)
+        self.on_state_loaded()
+
+    def on_state_loaded(self) -> None:
+        """Hook: rebuild derived caches (e.g. an inverse covariance) after a resume."""

@@ -1,0 +1,96 @@
+"""How a method sees the task stream (Avalanche's split: stream -> strategy -> storage policy).
+
+A strategy turns the ordered task list into training *experiences* (steps) and, for each,
+hands the method its training data. Sequential and joint are the lower and upper bounds;
+replay adds a buffer by overriding ``training_stream`` (and its state/memory hooks), nothing else.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Mapping
+
+from tqdm.auto import tqdm
+
+from clbench.data import Batch, SampleSet
+from clbench.registry import Registry
+from methods.base import AnomalyMethod, TaskData, TrainStream
+
+STRATEGIES: Registry["Strategy"] = Registry("strategy", "strategies")
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One training step of the stream."""
+
+    step: int
+    label: str  # what the results call the trained task ("joint" for the joint step)
+    task_names: tuple[str, ...]  # categories taught at this step
+
+
+class ProgressStream:
+    """Wraps a train stream so every pass over it shows a progress bar with ETA (any method)."""
+
+    def __init__(self, stream: TrainStream, label: str) -> None:
+        self.stream = stream
+        self.label = label
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+        self.passes += 1
+        total = -(-len(self.stream) // batch_size)
+        yield from tqdm(
+            self.stream.batches(batch_size, shuffle=shuffle, seed=seed),
+            total=total, desc=f"train {self.label} pass {self.passes}", unit="batch", leave=False,
+        )
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    hyperparameters: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, seed: int = 0, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.hyperparameters))
+        if unknown:
+            known = ", ".join(sorted(self.hyperparameters)) or "none"
+            raise ValueError(f"strategy_params: unknown key '{unknown[0]}' for strategy '{self.name}' (known: {known})")
+        self.seed = seed
+        self.params = {**self.hyperparameters, **params}
+        self.progress = True
+
+    @abstractmethod
+    def experiences(self, tasks: list[str]) -> list[Experience]:
+        """The training steps for this ordered task list."""
+
+    def training_stream(self, experience: Experience, current: SampleSet) -> TrainStream:
+        """The data the method trains on at this step; plain strategies pass the current data."""
+        return current
+
+    def after_step(self, experience: Experience, current: SampleSet) -> None:
+        """Hook after the method learned a step (a replay buffer stores samples here)."""
+
+    def train(self, method: AnomalyMethod, experience: Experience, current: SampleSet, val: SampleSet) -> None:
+        data = TaskData(
+            step=experience.step,
+            task_names=experience.task_names,
+            train=self._with_progress(self.training_stream(experience, current), experience.label),
+            val=val,
+            seed=self.seed * 1_000_003 + experience.step,
+        )
+        method.fit_task(data)
+        self.after_step(experience, current)
+
+    def _with_progress(self, stream: TrainStream, label: str) -> TrainStream:
+        return ProgressStream(stream, label) if self.progress else stream
+
+    def memory_components(self) -> dict[str, int]:
+        return {"replay_buffer": 0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (a replay buffer's contents)."""

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny hand-made MVTec-layout dataset and the built-in synthetic one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_category(root: Path, name: str, *, n_train: int = 6, size: int = 40, gray: bool = False, seed: int = 0) -> Path:
+    """A minimal valid category: flat noisy images, one 'spot' defect type with masks."""
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    shape = (size, size) if gray else (size, size, 3)
+
+    def image() -> Image.Image:
+        return Image.fromarray(rng.integers(90, 110, shape, dtype=np.uint8))
+
+    for split, count in (("train/good", n_train), ("test/good", 2), ("test/spot", 2)):
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image().save(folder / split / f"{i:03d}.png")
+    (folder / "ground_truth" / "spot").mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        mask = np.zeros((size, size), np.uint8)
+        mask[5:15, 5:15] = 255
+        Image.fromarray(mask).save(folder / "ground_truth" / "spot" / f"{i:03d}_mask.png")
+    return folder
+
+
+@pytest.fixture
+def tiny_root(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    write_category(root, "alpha")
+    write_category(root, "beta", gray=True, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Four small categories of the built-in synthetic dataset, generated once per test session."""
+    from clbench.synth import generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, categories=4, size=64, seed=0, n_train=12, n_test_good=4, n_test_per_defect=2)
+    return root

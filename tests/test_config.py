@@ -1,0 +1,57 @@
+"""Config loading and validation: one clear error per bad key or value, from YAML and the CLI."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clbench import config as cfg
+from clbench.cli import main
+
+
+def test_defaults_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("method: padim\ntasks: [a, b]\nimage_size: 64\n")
+    c = cfg.load(path, {"seed": 3, "image_size": None})
+    assert (c.method, c.tasks, c.image_size, c.seed, c.strategy) == ("padim", ["a", "b"], 64, 3, "sequential")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("methd: padim\n", "unknown key 'methd'"),
+        ("image_size: -5\n", "'image_size' must be a positive integer, got -5"),
+        ("image_size: 16\n", "at least 32"),
+        ("val_fraction: 1.5\n", "'val_fraction' must be in"),
+        ("seed: -1\n", "'seed' must be a non-negative"),
+        ("tasks: {a: 1}\n", "'tasks' must be"),
+        ("device: tpu\n", "'device' must be"),
+        ("[1, 2]\n", "expected a mapping"),
+        ("a: [\n", "invalid YAML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_cli_reports_one_line_errors(tmp_path: Path, tiny_root: Path, capsys) -> None:
+    common = ["run", "--data-root", str(tiny_root), "--output", str(tmp_path / "r"), "--no-progress"]
+    cases = [
+        (["--method", "nosuch"], "unknown method 'nosuch' (available: padim"),
+        (["--tasks", "alpha,gamma"], "unknown category 'gamma'"),
+        (["--image-size", "-3"], "'image_size' must be a positive integer"),
+        (["--param", "n_featurs=3"], "unknown key 'n_featurs' for method 'padim'"),
+        (["--strategy", "nope"], "unknown strategy 'nope'"),
+        (["--weights", "/no/such/file.pth"], "weights: '/no/such/file.pth' is neither"),
+    ]
+    for extra, message in cases:
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err, err
+        assert len(err.splitlines()) == 1, err
+    assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: config file not found" in capsys.readouterr().err
