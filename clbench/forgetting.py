@@ -1,0 +1,105 @@
+"""Continual-learning summaries of an accuracy matrix.
+
+``R`` is an (S, T) array: ``R[s, j]`` is the metric on task ``j`` evaluated
+after training step ``s``.  Task ``j`` is learned at step ``j`` (0-based), so a
+sequential run has S == T; let ``F = S - 1`` be the final step (``F = T - 1``
+for a sequential run, which is the case the formulas below are usually
+written for; rows after ``T - 1`` are extra training steps after the last
+task, and the final state is still the last row).
+
+    ACC = mean_{j in [0, T-1]} R[F, j]
+
+    BWT = 1/(T-1) * sum_{j=0}^{T-2} ( R[F, j] - R[j, j] )
+          (Lopez-Paz & Ranzato, 2017; negative = forgetting)
+
+    FM  = 1/(T-1) * sum_{j=0}^{T-2} ( max_{l in [j, F-1]} R[l, j] - R[F, j] )
+          (Chaudhry et al., 2018; positive = forgetting)
+
+FM for task ``j`` takes the best value from the step at which ``j`` was
+learned (``l = j``) up to the step before the final one (``l = F - 1``); steps
+before ``j`` (task not yet learned) are never used.  This fixes an
+off-by-one of the benchmark paper's code, whose forgetting loop does not use
+exactly this range.  The last task (``j = T - 1``) is excluded from BWT and FM
+because it has no "later" value in a sequential run.  BWT and FM are NaN
+when T < 2.
+
+NaN entries (metric undefined, e.g. a test set with a single class) are
+ignored: each mean/max runs over the defined entries only (so the 1/(T-1)
+becomes 1/(number of defined terms)), and a result with no defined term is
+NaN.  No RuntimeWarning is emitted for all-NaN slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["acc", "bwt", "forgetting_measure", "summarize", "summarize_joint"]
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """Mean over non-NaN entries; NaN (without a warning) if there is none."""
+    values = np.asarray(values, dtype=np.float64)
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else float("nan")
+
+
+def _nanmax(values: np.ndarray) -> float:
+    """Max over non-NaN entries; NaN (without a warning) if there is none."""
+    defined = values[~np.isnan(values)]
+    return float(defined.max()) if defined.size else float("nan")
+
+
+def _as_matrix(R: np.ndarray, *, need_diagonal: bool) -> np.ndarray:
+    """Validated float (S, T) matrix; S >= T when the diagonal R[j, j] is used."""
+    R = np.asarray(R, dtype=np.float64)
+    if R.ndim != 2 or R.shape[0] == 0 or R.shape[1] == 0:
+        raise ValueError(f"R must be a non-empty 2-D (steps, tasks) array, got shape {R.shape}")
+    if need_diagonal and R.shape[0] < R.shape[1]:
+        raise ValueError(f"R must have at least as many steps as tasks (S >= T), got shape {R.shape}")
+    return R
+
+
+def acc(R: np.ndarray) -> float:
+    """Mean of the final row over all T tasks (NaN entries ignored)."""
+    R = _as_matrix(R, need_diagonal=False)
+    return _nanmean(R[-1])
+
+
+def bwt(R: np.ndarray) -> float:
+    """Backward transfer: mean_{j<T-1} (R[F, j] - R[j, j]); NaN if T < 2."""
+    R = _as_matrix(R, need_diagonal=True)
+    n_tasks = R.shape[1]
+    if n_tasks < 2:
+        return float("nan")
+    j = np.arange(n_tasks - 1)
+    return _nanmean(R[-1, j] - R[j, j])
+
+
+def forgetting_measure(R: np.ndarray) -> float:
+    """Forgetting: mean_{j<T-1} (max_{j<=l<=F-1} R[l, j] - R[F, j]); NaN if T < 2."""
+    R = _as_matrix(R, need_diagonal=True)
+    n_tasks, final = R.shape[1], R.shape[0] - 1
+    if n_tasks < 2:
+        return float("nan")
+    drops = [_nanmax(R[j:final, j]) - R[final, j] for j in range(n_tasks - 1)]
+    return _nanmean(np.array(drops))
+
+
+def summarize(R: np.ndarray) -> dict[str, float]:
+    """ACC, BWT and FM of a sequential run's (S, T) matrix, S >= T."""
+    R = _as_matrix(R, need_diagonal=True)
+    return {"acc": acc(R), "bwt": bwt(R), "fm": forgetting_measure(R)}
+
+
+def summarize_joint(R_row: np.ndarray) -> dict[str, float]:
+    """Summary of a single-step run (joint training / upper bound).
+
+    ``R_row`` is the (T,) or (1, T) row of per-task metrics after the one
+    step; only ACC is defined, BWT and FM are NaN (nothing was learned later).
+    """
+    row = np.asarray(R_row, dtype=np.float64)
+    if row.ndim == 2 and row.shape[0] == 1:
+        row = row[0]
+    if row.ndim != 1 or row.size == 0:
+        raise ValueError(f"R_row must be a non-empty (T,) or (1, T) array, got shape {np.shape(R_row)}")
+    return {"acc": _nanmean(row), "bwt": float("nan"), "fm": float("nan")}
