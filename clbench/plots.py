@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +33,8 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+
+from clbench.atomic import write_with  # noqa: E402
 
 __all__ = [
     "accuracy_matrix",
@@ -177,23 +177,11 @@ def _style_task_ticks(ax: plt.Axes, labels: Sequence[str], axis: str = "x") -> N
 
 
 def _save_atomic(fig: Figure, out_path: str | Path) -> Path:
-    """Save to a temp file in the target folder, then os.replace: never a truncated PNG."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".png.tmp", dir=out_path.parent)
-    os.close(fd)
+    """Save through ``atomic.write_with``: never a truncated PNG; the figure is always closed."""
     try:
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
-        with open(tmp, "rb+") as handle:  # data on disk before the rename makes it visible
-            os.fsync(handle.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return write_with(out_path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png"))
     finally:
         plt.close(fig)
-    return out_path
 
 
 # --------------------------------------------------------------------------
