@@ -151,18 +151,30 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
     from clbench.memory import format_bytes
     from methods.base import METHODS
+    from strategies.replay import Replay
 
-    params = _parse_params(args.param, "--param")
-    params.update(_flags_to_params(extra))
-    if args.backbone:
-        params["backbone"] = args.backbone
-    cls = METHODS.get(args.method)
-    components = cls.analytic_memory(params, args.image_size)
-    print(f"{args.method} at {args.image_size}px, analytic (fp32):")
-    state = sum(v for k, v in components.items() if k.startswith("method_state"))
-    for key, value in components.items():
-        print(f"  {key:32s} {value:>15,d} B  {format_bytes(value):>12s}")
-    print(f"  {'method state (total)':32s} {state:>15,d} B  {format_bytes(state):>12s}")
+    if args.method is None and args.replay is None:
+        raise ConfigError("memory: give --method M and/or --replay N")
+
+    def show(title: str, components: dict[str, int], total_prefix: str, total_label: str) -> None:
+        print(title)
+        for key, value in components.items():
+            print(f"  {key:32s} {value:>15,d} B  {format_bytes(value):>12s}")
+        total = sum(v for k, v in components.items() if k.startswith(total_prefix))
+        print(f"  {total_label:32s} {total:>15,d} B  {format_bytes(total):>12s}")
+
+    if args.method is not None:
+        params = _parse_params(args.param, "--param")
+        params.update(_flags_to_params(extra))
+        if args.backbone:
+            params["backbone"] = args.backbone
+        components = METHODS.get(args.method).analytic_memory(params, args.image_size)
+        show(f"{args.method} at {args.image_size}px, analytic (fp32):", components, "method_state", "method state (total)")
+    elif extra:
+        raise ConfigError(f"memory: unexpected arguments {' '.join(extra)} without --method")
+    if args.replay is not None:
+        components = Replay.analytic_memory({"buffer_size": args.replay}, args.image_size)
+        show(f"replay buffer of {args.replay} images at {args.image_size}px (uint8 RGB):", components, "replay", "replay buffer (total)")
     return 0
 
 
@@ -215,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=cmd_check)
 
-    mem = sub.add_parser("memory", help="analytic memory of a method's state (e.g. --budget 30000 for patchcore)")
-    mem.add_argument("--method", required=True)
+    mem = sub.add_parser("memory", help="analytic memory of a method's state and/or a replay buffer (e.g. --budget 30000 for patchcore)")
+    mem.add_argument("--method")
+    mem.add_argument("--replay", type=int, metavar="N", help="size of a replay buffer in images")
     mem.add_argument("--backbone")
     mem.add_argument("--image-size", type=int, default=224)
     mem.add_argument("--param", action="append", metavar="KEY=VALUE")

@@ -1,0 +1,78 @@
+"""Replay: a buffer of N training images kept across tasks, mixed into every training batch.
+
+While learning task t, each training batch is the current task's B images plus B images drawn from
+the buffer ("B+B" mixing, seed 003; B is the method's batch size). After the task, the buffer is
+updated by its storage policy (``balanced``: N // t per learned task; ``reservoir``).
+``buffer_size: 0`` is sequential training.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from clbench.data import Batch, SampleSet
+from strategies.base import STRATEGIES, Experience, Strategy
+from strategies.buffers import POLICIES, ReplayBuffer, replay_bytes
+
+
+def concat(a: Batch, b: Batch) -> Batch:
+    return Batch(
+        pixels=torch.cat([a.pixels, b.pixels]),
+        keys=a.keys + b.keys,
+        labels=torch.cat([a.labels, b.labels]),
+        masks=torch.cat([a.masks, b.masks]),
+    )
+
+
+class ReplayStream:
+    """The current task's batches, each extended with as many images drawn from the buffer."""
+
+    def __init__(self, current: SampleSet, buffer: ReplayBuffer) -> None:
+        self.current = current
+        self.buffer = buffer
+
+    def __len__(self) -> int:
+        return len(self.current)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+        for batch in self.current.batches(batch_size, shuffle=shuffle, seed=seed):
+            yield concat(batch, self.buffer.sample(batch_size)) if len(self.buffer) else batch
+
+
+@STRATEGIES.register("replay")
+class Replay(Strategy):
+    hyperparameters = {"buffer_size": 100, "policy": "balanced"}
+
+    def __init__(self, seed: int = 0, **params: Any) -> None:
+        super().__init__(seed, **params)
+        policy = self.params["policy"]
+        if policy not in POLICIES:
+            raise ValueError(f"strategy_params: unknown policy '{policy}' (use one of: {', '.join(POLICIES)})")
+        size = self.params["buffer_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"strategy_params: buffer_size must be a non-negative integer, got {size!r}")
+        self.buffer = POLICIES[policy](size, seed)
+
+    def experiences(self, tasks: list[str]) -> list[Experience]:
+        return [Experience(step, name, (name,)) for step, name in enumerate(tasks)]
+
+    def training_stream(self, experience: Experience, current: SampleSet):
+        return ReplayStream(current, self.buffer)
+
+    def after_step(self, experience: Experience, current: SampleSet) -> None:
+        self.buffer.update(experience.label, current)
+
+    def memory_components(self) -> dict[str, int]:
+        return {"replay_buffer": self.buffer.nbytes()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+
+    @classmethod
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
+        size = {**cls.hyperparameters, **params}["buffer_size"]
+        return {"replay_buffer": replay_bytes(size, image_size)}
