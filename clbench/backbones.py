@@ -84,7 +84,7 @@ def resolve_weights(model_name: str, weights: str) -> WeightsInfo:
     return WeightsInfo(weights, "file", True, str(path.resolve()))
 
 
-def _out_indices(model_name: str, layers: Sequence[str | int]) -> tuple[int, ...]:
+def out_indices(model_name: str, layers: Sequence[str | int]) -> tuple[int, ...]:
     """Map layer names (e.g. 'layer2') or indices to timm ``out_indices``."""
     probe = timm.create_model(model_name, pretrained=False, features_only=True)
     names = [info["module"] for info in probe.feature_info.info]
@@ -107,7 +107,7 @@ def create_feature_model(
     """A timm ``features_only`` model returning the requested layers, frozen, in eval mode."""
     if not timm.is_model(model_name.split(".")[0]):
         raise ValueError(f"backbone: unknown timm model '{model_name}' (see timm.list_models())")
-    indices = _out_indices(model_name, layers)
+    indices = out_indices(model_name, layers)
     kwargs: dict = dict(features_only=True, out_indices=indices)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -123,6 +123,15 @@ def create_feature_model(
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+def trainable_feature_model(model_name: str, layers: Sequence[str | int], seed: int = 0) -> nn.Module:
+    """A randomly initialised (seeded) ``features_only`` model to train, e.g. a student network."""
+    if not timm.is_model(model_name.split(".")[0]):
+        raise ValueError(f"backbone: unknown timm model '{model_name}' (see timm.list_models())")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(model_name, pretrained=False, features_only=True, out_indices=out_indices(model_name, layers))
 
 
 class FeatureCache:
@@ -253,5 +262,5 @@ class BackbonePool:
 
 def feature_info(model_name: str, layers: Sequence[str | int]) -> tuple[list[int], list[int]]:
     """(channels, reductions) of the requested layers, from the architecture alone (no weights)."""
-    model = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=_out_indices(model_name, layers))
+    model = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=out_indices(model_name, layers))
     return list(model.feature_info.channels()), list(model.feature_info.reduction())

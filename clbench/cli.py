@@ -71,6 +71,8 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--image-size", dest="image_size", type=int)
     p.add_argument("--val-fraction", dest="val_fraction", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--epochs-scale", dest="epochs_scale", type=float, help="scale trainable methods' epochs (e.g. 0.1)")
+    p.add_argument("--max-epochs", dest="max_epochs", type=int, help="cap trainable methods' epochs")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--data-root", dest="data_root", help="dataset in MVTec AD layout (default: built-in synthetic)")
     p.add_argument("--output", dest="output_dir", help="results folder (default: results)")
@@ -89,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {
         key: getattr(args, key)
         for key in ("method", "strategy", "task_order", "backbone", "weights", "image_size", "val_fraction",
-                    "seed", "device", "data_root", "output_dir", "name")
+                    "seed", "device", "data_root", "output_dir", "name", "epochs_scale", "max_epochs")
     }
     overrides["tasks"] = _parse_tasks(args.tasks)
     config = config_mod.load(args.config, overrides)

@@ -33,6 +33,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 32
+    epochs_scale: float = 1.0  # scales trainable methods' epochs (e.g. 0.1 for short runs)
+    max_epochs: int | None = None  # caps trainable methods' epochs
     feature_cache_gb: float = 4.0  # RAM for cached frozen-backbone features; spills to disk beyond
     output_dir: str = "results"
     name: str | None = None  # run folder name; default <method>-<strategy>-<backbone>-seed<seed>
@@ -74,6 +76,8 @@ def validate(config: RunConfig, source: str = "config") -> RunConfig:
     _check(isinstance(c.seed, int) and not isinstance(c.seed, bool) and c.seed >= 0, f"{source}: 'seed' must be a non-negative integer, got {c.seed!r}")
     _check(isinstance(c.val_fraction, (int, float)) and 0 <= c.val_fraction < 1, f"{source}: 'val_fraction' must be in [0, 1), got {c.val_fraction!r}")
     _check(isinstance(c.feature_cache_gb, (int, float)) and c.feature_cache_gb >= 0, f"{source}: 'feature_cache_gb' must be >= 0, got {c.feature_cache_gb!r}")
+    _check(isinstance(c.epochs_scale, (int, float)) and not isinstance(c.epochs_scale, bool) and c.epochs_scale > 0, f"{source}: 'epochs_scale' must be > 0, got {c.epochs_scale!r}")
+    _check(c.max_epochs is None or (isinstance(c.max_epochs, int) and not isinstance(c.max_epochs, bool) and c.max_epochs > 0), f"{source}: 'max_epochs' must be a positive integer, got {c.max_epochs!r}")
     _check(isinstance(c.synthetic, bool), f"{source}: 'synthetic' must be true or false, got {c.synthetic!r}")
     _check(c.backbone is None or (isinstance(c.backbone, str) and c.backbone), f"{source}: 'backbone' must be a timm model name, got {c.backbone!r}")
     _check(c.name is None or (isinstance(c.name, str) and c.name and "/" not in c.name), f"{source}: 'name' must be a folder name, got {c.name!r}")

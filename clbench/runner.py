@@ -61,12 +61,14 @@ class Results:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     memory: list[dict[str, Any]] = field(default_factory=list)
     timings: list[dict[str, Any]] = field(default_factory=list)
+    training: list[dict[str, Any]] = field(default_factory=list)
 
-    FILES = {"metrics": "metrics.csv", "memory": "memory.csv", "timings": "timings.csv"}
+    FILES = {"metrics": "metrics.csv", "memory": "memory.csv", "timings": "timings.csv", "training": "training.csv"}
     COLUMNS = {
         "metrics": ["step", "trained_task", "eval_task", "metric", "value"],
         "memory": ["step", "trained_task", "component", "bytes"],
         "timings": ["step", "phase", "seconds", "images", "images_per_s"],
+        "training": ["step", "trained_task", "key", "value"],
     }
 
     def load(self, completed_step: int) -> None:
@@ -156,7 +158,10 @@ class Experiment:
             cache_bytes=int(self.config.feature_cache_gb * (1 << 30)),
             spill_dir=self.run_dir / "feature_cache",
         )
-        context = MethodContext(pool, self.device, self.config.image_size, self.config.seed, self.progress)
+        context = MethodContext(
+            pool, self.device, self.config.image_size, self.config.seed, self.progress,
+            epochs_scale=self.config.epochs_scale, max_epochs=self.config.max_epochs,
+        )
         method = self.method_cls(context, **self.method_params).to(self.device)
         strategy = self.strategy_cls(seed=self.config.seed, **self.config.strategy_params)
         strategy.progress = self.progress
@@ -212,6 +217,8 @@ class Experiment:
         for task, values in evaluation.items():
             for metric, value in values.items():
                 results.metrics.append(dict(step=step, trained_task=label, eval_task=task, metric=metric, value=value))
+        for key, value in method.fit_info.items():
+            results.training.append(dict(step=step, trained_task=label, key=key, value=value))
         components = method.memory_components() | strategy.memory_components() | memory.peak_components(self.device)
         for component, size in components.items():
             results.memory.append(dict(step=step, trained_task=label, component=component, bytes=int(size)))

@@ -63,6 +63,8 @@ class MethodContext:
     image_size: int
     seed: int = 0
     progress: bool = True
+    epochs_scale: float = 1.0  # multiplies every trainable method's epoch count (short test runs)
+    max_epochs: int | None = None  # caps it
 
 
 class AnomalyMethod(nn.Module, ABC):
@@ -76,6 +78,7 @@ class AnomalyMethod(nn.Module, ABC):
         super().__init__()
         self.context = context
         self.params = self.resolve_params(params)
+        self.fit_info: dict[str, float] = {}  # what the last fit_task did (epochs, losses): logged per step
 
     @classmethod
     def resolve_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,8 +110,19 @@ class AnomalyMethod(nn.Module, ABC):
         raise NotImplementedError(f"method '{cls.name}' does not describe its analytic memory")
 
     # -- shared behaviour ----------------------------------------------------------------------
+    def num_epochs(self, default: int) -> int:
+        """The paper's epoch count scaled by the run's ``epochs_scale`` and capped by ``max_epochs``."""
+        epochs = max(1, round(default * self.context.epochs_scale))
+        if self.context.max_epochs is not None:
+            epochs = min(epochs, self.context.max_epochs)
+        return epochs
+
     def memory_components(self) -> dict[str, int]:
-        """Measured bytes: trainable/frozen parameters, persistent state, derived caches."""
+        """Measured bytes: trainable/frozen parameters, persistent state, derived caches.
+
+        Buffers registered on the method itself are its state (statistics, banks); buffers of
+        its sub-networks (BatchNorm running statistics) count with the network they belong to.
+        """
         trainable = sum(p.numel() * p.element_size() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() * p.element_size() for p in self.parameters() if not p.requires_grad)
         frozen += sum(b.parameter_bytes() for b in self.frozen_backbones())
@@ -116,7 +130,13 @@ class AnomalyMethod(nn.Module, ABC):
         state = cache = 0
         for name, buf in self.named_buffers():
             size = buf.numel() * buf.element_size()
-            if name in persistent:
+            if "." in name:
+                owner = self.get_submodule(name.rpartition(".")[0])
+                if any(p.requires_grad for p in owner.parameters()):
+                    trainable += size
+                else:
+                    frozen += size
+            elif name in persistent:
                 state += size
             else:
                 cache += size

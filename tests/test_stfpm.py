@@ -1,0 +1,85 @@
+"""STFPM: a short training lowers the loss, maps are finite at input size, early stopping reads only
+the held-out good images, and it runs under sequential, replay and joint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from clbench.backbones import BackbonePool
+from clbench.config import RunConfig
+from clbench.data import ImageStore, SampleSet, load_category
+from clbench.runner import run_experiment
+from methods.base import MethodContext, TaskData
+from methods.stfpm import STFPM, layer_distances, stfpm_loss
+
+
+def make_stfpm(max_epochs: int = 3, **params) -> STFPM:
+    pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=1 << 30, spill_dir=None)
+    context = MethodContext(pool, torch.device("cpu"), image_size=64, seed=0, progress=False, max_epochs=max_epochs)
+    return STFPM(context, **params)
+
+
+def test_loss_is_zero_for_identical_features_and_matches_definition() -> None:
+    t = [torch.randn(2, 4, 3, 3), torch.randn(2, 5, 2, 2)]
+    assert float(stfpm_loss(t, [x.clone() for x in t])) == pytest.approx(0.0, abs=1e-6)
+    s = [torch.randn_like(x) for x in t]
+    expected = 0.0
+    for a, b in zip(t, s):
+        diff = a / a.norm(dim=1, keepdim=True) - b / b.norm(dim=1, keepdim=True)
+        expected += 0.5 * diff.pow(2).sum().item() / (a.shape[-2] * a.shape[-1])
+    assert float(stfpm_loss(t, s)) == pytest.approx(expected, rel=1e-5)
+    assert [d.shape for d in layer_distances(t, s)] == [(2, 3, 3), (2, 2, 2)]
+
+
+class ValOnlySet(SampleSet):
+    """Counts how often the held-out set is read (early stopping must use it, and only it)."""
+
+    reads = 0
+
+    def batches(self, *args, **kwargs):
+        type(self).reads += 1
+        return super().batches(*args, **kwargs)
+
+
+def test_short_training_lowers_loss_and_gives_finite_maps(synthetic_root: Path) -> None:
+    name = sorted(p.name for p in synthetic_root.iterdir())[0]
+    category = load_category(synthetic_root, name, val_fraction=0.2)
+    store = ImageStore(64)
+    model = make_stfpm(max_epochs=4, batch_size=4)
+    val = ValOnlySet(category.val, store)
+    model.fit_task(TaskData(0, (name,), SampleSet(category.train, store), val))
+    info = model.fit_info
+    assert info["train_loss_last"] < info["train_loss_first"]
+    assert info["epochs_run"] == 4 and 0 <= info["best_epoch"] < 4
+    assert ValOnlySet.reads == 4  # one validation pass per epoch, on held-out good images
+    batch = next(SampleSet(category.test, store).batches(5))
+    prediction = model.predict(batch)
+    assert prediction.maps.shape == (5, 64, 64) and torch.isfinite(prediction.maps).all()
+    assert torch.equal(prediction.scores, prediction.maps.flatten(1).amax(1))
+
+
+def test_without_held_out_images_all_epochs_run(synthetic_root: Path) -> None:
+    name = sorted(p.name for p in synthetic_root.iterdir())[0]
+    category = load_category(synthetic_root, name, val_fraction=0.0)
+    model = make_stfpm(max_epochs=2, batch_size=8)
+    store = ImageStore(64)
+    model.fit_task(TaskData(0, (name,), SampleSet(category.train, store), SampleSet((), store)))
+    assert model.fit_info["epochs_run"] == 2 and model.fit_info["best_epoch"] == -1
+
+
+@pytest.mark.parametrize("strategy, params", [("sequential", {}), ("replay", {"buffer_size": 4}), ("joint", {})])
+def test_stfpm_under_each_strategy(synthetic_root: Path, tmp_path: Path, strategy: str, params: dict) -> None:
+    config = RunConfig(method="stfpm", strategy=strategy, strategy_params=params, data_root=str(synthetic_root),
+                       synthetic=False, tasks=2, image_size=64, weights="none", output_dir=str(tmp_path),
+                       device="cpu", max_epochs=1)
+    run_dir = run_experiment(config, progress=False)
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
+    training = pd.read_csv(run_dir / "training.csv")
+    assert set(training.key) >= {"epochs_run", "train_loss_last"}
+    memory = pd.read_csv(run_dir / "memory.csv")
+    trainable = memory[memory.component == "model_trainable"].bytes
+    assert (trainable > 0).all()
