@@ -24,7 +24,7 @@ class RunConfig:
     tasks: Any = "all"  # list of categories | "all" | count | preset ("mvtec", "paper10")
     task_order: str = "given"  # "given" | "shuffle" (seeded)
     data_root: str = "data/synthetic"
-    synthetic: bool = True  # generate the built-in synthetic dataset at data_root if it is missing
+    synthetic: bool = True  # generate the built-in synthetic dataset at data_root if missing (never into existing data)
     synthetic_categories: int = 15
     image_size: int = 128
     val_fraction: float = 0.1  # held-out good training images (never the test set)

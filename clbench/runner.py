@@ -29,6 +29,7 @@ from strategies.base import STRATEGIES, Experience, Strategy
 log = logging.getLogger("clbench")
 
 CHECKPOINT = "checkpoint.pt"
+SYNTHETIC_MARKER = ".clbench-synthetic.json"  # marks a data root that clbench generated and may complete
 # Keys that may differ between a run and its resume (where and how fast, not what is computed).
 RESUME_FREE_KEYS = ("device", "feature_cache_gb", "output_dir", "eval_batch_size")
 
@@ -45,11 +46,21 @@ def resolve_device(name: str) -> torch.device:
 def ensure_dataset(config: RunConfig) -> Path:
     """The data root, generating the built-in synthetic dataset there if asked and missing."""
     root = Path(config.data_root)
-    if not root.exists() and config.synthetic:
-        from clbench.synth import generate
+    if not config.synthetic:
+        return root
+    from clbench.synth import CATEGORY_NAMES, generate
 
-        log.info("generating the built-in synthetic dataset at %s", root)
-        generate(root, categories=config.synthetic_categories, size=config.image_size, seed=0)
+    marker = root / SYNTHETIC_MARKER
+    if root.exists() and not marker.is_file():
+        return root  # a dataset of the user's: never write into it
+    wanted = CATEGORY_NAMES[: config.synthetic_categories]
+    present = set(list_categories(root)) if root.is_dir() else set()
+    missing = [name for name in wanted if name not in present]  # also completes a killed generation
+    if missing:
+        log.info("generating %d synthetic categories at %s", len(missing), root)
+        root.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(marker, {"generator": "clbench.synth", "size": config.image_size, "seed": 0})
+        generate(root, categories=missing, size=config.image_size, seed=0)
     return root
 
 

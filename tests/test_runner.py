@@ -120,3 +120,21 @@ def test_killed_run_resumes_to_identical_metrics(synthetic_root: Path, tmp_path:
     ref_dir = tmp_path / "ref" / "padim-sequential-resnet18-seed0"
     assert (run_dir / "metrics.csv").read_bytes() == (ref_dir / "metrics.csv").read_bytes()
     assert (run_dir / "summary.json").exists()
+
+
+def test_synthetic_data_is_generated_completed_but_never_written_into_user_data(tmp_path: Path) -> None:
+    from clbench.runner import SYNTHETIC_MARKER, ensure_dataset
+
+    root = tmp_path / "synth"
+    config = RunConfig(data_root=str(root), synthetic=True, synthetic_categories=3, image_size=32)
+    ensure_dataset(config)
+    assert len(list_categories(root)) == 3 and (root / SYNTHETIC_MARKER).is_file()
+    import shutil
+
+    shutil.rmtree(root / list_categories(root)[1])  # as if a generation had been killed
+    ensure_dataset(config)
+    assert len(list_categories(root)) == 3
+    user = tmp_path / "mvtec"
+    (user / "bottle" / "train" / "good").mkdir(parents=True)
+    ensure_dataset(RunConfig(data_root=str(user), synthetic=True, synthetic_categories=3))
+    assert list_categories(user) == ["bottle"]
