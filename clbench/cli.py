@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import yaml
 
 from clbench.config import ConfigError
+from clbench.report import add_report_parser
+from clbench.sweep import add_sweep_parser
 
 RUN_EXAMPLES = textwrap.dedent(
     """\
@@ -214,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
+    add_sweep_parser(sub)
+    add_report_parser(sub)
 
     data = sub.add_parser("data", help="datasets: generate the synthetic one, check one on disk")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,618 @@
+"""Sweep report: the cells of a sweep aggregated over seeds into tables and plots.
+
+``clbench report SWEEP_DIR`` reads every cell's run folder (``config.yaml``, ``env.json``,
+``metrics.csv``, ``memory.csv``, ``summary.json``) and writes ``SWEEP_DIR/report/``:
+
+* ``runs.csv``   every row of every cell's ``metrics.csv`` plus the cell's parameters (tidy);
+* ``cells.csv``  one row per cell: parameters, status, ACC/BWT/FM per metric, final memory;
+* ``summary.csv`` / ``summary.md`` / ``summary.html``: per (method, strategy, buffer_size, and any
+  other grid key that varies) the mean and sample standard deviation (n - 1) over seeds;
+* ``plots/``     final ACC, FM and memory vs replay buffer size (one line per method, bands =
+  +- std over seeds; sequential and joint as horizontal lower/upper-bound lines) and the
+  accuracy-matrix heatmap of each group averaged over its seeds.
+
+ACC/BWT/FM are read from each cell's ``summary.json`` (the runner's numbers). Memory is the final
+step's ``method_state + replay_buffer`` bytes and the largest per-step ``peak_rss``. Cells that are
+not complete are listed as such and left out of the aggregates, with a warning.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import yaml
+
+from clbench import atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+METRICS = ("pixel_auroc", "image_auroc", "pixel_aupro")
+STATS = ("acc", "bwt", "fm")
+BOUNDS = {"sequential": "lower bound", "joint": "upper bound"}
+PARAMS = ("method", "strategy", "buffer_size", "seed", "task_order", "backbone", "pretrained")
+GROUP = ("method", "strategy", "buffer_size", "task_order", "backbone", "pretrained")
+STANDARD_GRID_KEYS = {"method", "strategy", "seed", "task_order", "backbone", "strategy_params.buffer_size"}
+MEMORY = ("memory_mb", "method_state_mb", "replay_buffer_mb", "peak_rss_mb")
+MB = 1_000_000
+REPORT_DIR = "report"
+
+
+@dataclass
+class CellInfo:
+    name: str
+    run_dir: Path
+    params: dict[str, Any]
+    status: str  # complete | incomplete | failed | not started
+    note: str = ""
+    summary: dict[str, Any] | None = None
+    tasks: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    files: list[Path]
+    summary: "pd.DataFrame"
+    cells: list[CellInfo]
+    markdown: str
+
+    @property
+    def incomplete(self) -> list[CellInfo]:
+        return [c for c in self.cells if not c.complete]
+
+
+# --------------------------------------------------------------------------------------------
+# reading the cells
+# --------------------------------------------------------------------------------------------
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _dotted(mapping: dict[str, Any], key: str) -> Any:
+    node: Any = mapping
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _scalar(value: Any) -> Any:
+    """A CSV/group-friendly value: lists joined with '+', mappings as JSON, None as 'none'."""
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return "+".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _grid_keys(grid: Any) -> list[str]:
+    grids = grid if isinstance(grid, list) else [grid]
+    return list(dict.fromkeys(k for g in grids if isinstance(g, dict) for k in g))
+
+
+def _steps_done(run_dir: Path) -> int:
+    import pandas as pd
+
+    try:
+        return int(pd.read_csv(run_dir / "metrics.csv", usecols=["step"])["step"].nunique())
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def load_cells(sweep_dir: str | Path) -> tuple[list[CellInfo], list[str], str]:
+    """Cells of a sweep (from ``sweep.yaml``; without one, every ``runs/*`` or ``*`` run folder),
+    the extra grid keys that become columns, and the sweep's name."""
+    sweep_dir = Path(sweep_dir)
+    spec = _read_yaml(sweep_dir / "sweep.yaml")
+    status = _read_json(sweep_dir / "status.json").get("cells", {})
+    if spec.get("cells"):
+        entries = [(c["name"], sweep_dir / c.get("run_dir", f"runs/{c['name']}"), c.get("config") or {}) for c in spec["cells"]]
+        extras = [k for k in _grid_keys(spec.get("grid")) if k not in STANDARD_GRID_KEYS]
+        listed = {path.resolve() for _, path, _ in entries}
+        others = sorted(p.parent.name for p in sweep_dir.glob("runs/*/config.yaml") if p.parent.resolve() not in listed)
+        if others:
+            warnings.warn(f"{sweep_dir}: run folders not in sweep.yaml are left out: {', '.join(others)}", stacklevel=3)
+    else:
+        folders = sorted(p.parent for p in sweep_dir.glob("runs/*/config.yaml")) or sorted(
+            p.parent for p in sweep_dir.glob("*/config.yaml"))
+        entries = [(p.name, p, {}) for p in folders]
+        extras = []
+    if not entries:
+        raise FileNotFoundError(f"{sweep_dir}: no sweep.yaml and no run folders (runs/*/config.yaml)")
+    cells = []
+    for name, run_dir, spec_config in entries:
+        started = (run_dir / "config.yaml").is_file()
+        config = _read_yaml(run_dir / "config.yaml") if started else spec_config
+        env = _read_json(run_dir / "env.json")
+        strategy_params = config.get("strategy_params") or {}
+        method_params = config.get("method_params") or {}
+        pretrained = (env.get("weights") or {}).get("pretrained")
+        params = {
+            "method": config.get("method", "?"),
+            "strategy": config.get("strategy", "?"),
+            "buffer_size": int(strategy_params.get("buffer_size") or 0),
+            "seed": int(config.get("seed") or 0),
+            "task_order": config.get("task_order", "given"),
+            "backbone": config.get("backbone") or method_params.get("backbone") or "default",
+            "pretrained": "unknown" if pretrained is None else bool(pretrained),
+        }
+        for key in extras:
+            params[key] = _scalar(_dotted(config, key))
+        summary = _read_json(run_dir / "summary.json")
+        error = (status.get(name) or {}).get("error")
+        if summary.get("complete") is True:
+            cell = CellInfo(name, run_dir, params, "complete", summary=summary, tasks=list(summary.get("tasks") or []))
+        elif not started:
+            cell = CellInfo(name, run_dir, params, "failed" if error else "not started", note=error or "")
+        else:
+            steps = _steps_done(run_dir)
+            note = f"{steps} step(s) done, no summary.json"
+            cell = CellInfo(name, run_dir, params, "failed" if error else "incomplete",
+                            note=f"{error} ({note})" if error else note, tasks=list(config.get("tasks") or []))
+        cells.append(cell)
+    return cells, extras, str(spec.get("name") or sweep_dir.name)
+
+
+def _cell_values(cell: CellInfo) -> dict[str, float]:
+    """ACC/BWT/FM per metric from summary.json, final memory from memory.csv (MB)."""
+    import pandas as pd
+
+    values: dict[str, float] = {"steps": float(cell.summary.get("steps", float("nan")))}
+    for metric, stats in (cell.summary.get("metrics") or {}).items():
+        for stat in STATS:
+            values[f"{metric}_{stat}"] = float(stats.get(stat, float("nan")))
+    nan = float("nan")
+    values.update(memory_mb=nan, method_state_mb=nan, replay_buffer_mb=nan, peak_rss_mb=nan)
+    path = cell.run_dir / "memory.csv"
+    if path.is_file():
+        memory = pd.read_csv(path)
+        if not memory.empty:
+            memory["bytes"] = pd.to_numeric(memory["bytes"], errors="coerce")
+            final = memory[memory["step"] == memory["step"].max()].groupby("component")["bytes"].sum()
+            state = float(final.get("method_state", 0.0))
+            replay = float(final.get("replay_buffer", 0.0))
+            peak = memory.loc[memory["component"] == "peak_rss", "bytes"]
+            values.update(method_state_mb=state / MB, replay_buffer_mb=replay / MB, memory_mb=(state + replay) / MB,
+                          peak_rss_mb=float(peak.max()) / MB if len(peak) else nan)
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------
+def runs_frame(cells: Sequence[CellInfo], extras: Sequence[str]) -> "pd.DataFrame":
+    """Every metrics.csv row of every started cell, with the cell's parameters as columns."""
+    import pandas as pd
+
+    frames = []
+    for cell in cells:
+        path = cell.run_dir / "metrics.csv"
+        if not path.is_file():
+            continue
+        frame = pd.read_csv(path)
+        front = {"cell": cell.name, **{k: cell.params[k] for k in (*PARAMS, *extras)}, "complete": cell.complete}
+        for i, (key, value) in enumerate(front.items()):
+            frame.insert(i, key, value)
+        frames.append(frame)
+    columns = ["cell", *PARAMS, *extras, "complete", "step", "trained_task", "eval_task", "metric", "value"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def cells_frame(cells: Sequence[CellInfo], extras: Sequence[str]) -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = []
+    for cell in cells:
+        row: dict[str, Any] = {"cell": cell.name, **{k: cell.params[k] for k in (*PARAMS, *extras)},
+                               "status": cell.status, "note": cell.note}
+        if cell.complete:
+            row.update(_cell_values(cell))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _natural(value: Any) -> tuple[int, float, str]:
+    """Sort key: numbers by value before text (8 < 16)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def _strategy_rank(strategy: str) -> int:
+    return {"sequential": 0, "joint": 2}.get(strategy, 1)
+
+
+def summarize_cells(cells: "pd.DataFrame", extras: Sequence[str]) -> "pd.DataFrame":
+    """Mean and sample std (n - 1) over seeds per group of complete cells."""
+    import pandas as pd
+
+    group = [*GROUP, *extras]
+    done = cells[cells["status"] == "complete"]
+    values = [c for c in [f"{m}_{s}" for m in _metrics_in(done) for s in STATS] + list(MEMORY) if c in done.columns]
+    if done.empty:
+        return pd.DataFrame(columns=[*group, "n_seeds", "seeds"])
+    grouped = done.groupby(group, dropna=False, sort=False)
+    out = grouped.size().rename("n_seeds").to_frame()
+    out["seeds"] = grouped["seed"].agg(lambda s: " ".join(str(v) for v in sorted(s)))
+    mean = grouped[values].mean()
+    std = grouped[values].std(ddof=1)
+    for column in values:
+        out[f"{column}_mean"] = mean[column]
+        out[f"{column}_std"] = std[column]
+    out = out.reset_index()
+    order = sorted(range(len(out)), key=lambda i: (str(out.loc[i, "method"]), _strategy_rank(out.loc[i, "strategy"]),
+                                                   str(out.loc[i, "strategy"]), int(out.loc[i, "buffer_size"]),
+                                                   *[_natural(out.loc[i, k]) for k in group[3:]]))
+    return out.iloc[order].reset_index(drop=True)
+
+
+def _metrics_in(frame: "pd.DataFrame") -> list[str]:
+    found = [c[: -len("_acc")] for c in frame.columns if c.endswith("_acc")]
+    return [m for m in METRICS if m in found] + sorted(m for m in found if m not in METRICS)
+
+
+def _table_metrics(summary: "pd.DataFrame", metric: str) -> list[str]:
+    """The headline metric, then the standard ones, that the summary has."""
+    return [m for m in dict.fromkeys([metric, *METRICS]) if f"{m}_acc_mean" in summary.columns]
+
+
+def _varying(summary: "pd.DataFrame", columns: Sequence[str]) -> list[str]:
+    return [c for c in columns if c in summary.columns and summary[c].astype(str).nunique() > 1]
+
+
+def _fmt(mean: float, std: float, digits: int = 3, signed: bool = False) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    if std is not None and math.isfinite(std):
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    """A pipe table padded to column width, so it reads in a terminal as well as rendered."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+
+    rule = "| " + " | ".join(("-" * (w - 1) + ":") if r else "-" * w for w, r in zip(widths, right)) + " |"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def _table(summary: "pd.DataFrame", metric: str, keys: Sequence[str], memory: bool) -> tuple[list[str], list[list[str]], list[bool]]:
+    headers = [("buffer" if k == "buffer_size" else k) for k in keys] + ["seeds", "ACC", "BWT", "FM"]
+    right = [k == "buffer_size" for k in keys] + [True, False, False, False]
+    if memory:
+        headers += ["memory MB", "peak RSS MB"]
+        right += [True, True]
+    rows = []
+    for _, r in summary.iterrows():
+        row = [str(r[k]) for k in keys] + [str(int(r["n_seeds"]))]
+        for stat in STATS:
+            row.append(_fmt(r.get(f"{metric}_{stat}_mean"), r.get(f"{metric}_{stat}_std"), signed=stat == "bwt"))
+        if memory:
+            row.append(_fmt(r.get("memory_mb_mean"), r.get("memory_mb_std"), digits=1))
+            row.append(_fmt(r.get("peak_rss_mb_mean"), r.get("peak_rss_mb_std"), digits=0))
+        rows.append(row)
+    return headers, rows, right
+
+
+def _common(summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str]) -> str:
+    parts = []
+    for key in ("backbone", "pretrained", "task_order", *extras):
+        values = summary[key].astype(str).unique() if key in summary.columns and len(summary) else []
+        if len(values) == 1 and key == "pretrained":
+            parts.append({"True": "pretrained", "False": "random-init"}.get(values[0], "weights unknown"))
+        elif len(values) == 1:
+            parts.append(f"{key} {values[0]}")
+    orders = {tuple(c.tasks) for c in cells if c.complete}
+    if len(orders) == 1:
+        parts.append("tasks " + ", ".join(next(iter(orders))))
+    return " · ".join(parts)
+
+
+def render_markdown(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str],
+                    metric: str, plots: Sequence[Path], out_dir: Path) -> str:
+    keys = ["method", "strategy", "buffer_size", *_varying(summary, [*GROUP[3:], *extras])]
+    complete = sum(c.complete for c in cells)
+    lines = [f"# Sweep report: {name}", "",
+             f"{complete} of {len(cells)} cells complete · mean ± std over seeds (sample std, n−1) · "
+             "memory = final method state + replay buffer, MB = 10^6 bytes · peak RSS = largest per-step peak", ""]
+    common = _common(summary, cells, extras)
+    if common:
+        lines += [f"common: {common}", ""]
+    for m in _table_metrics(summary, metric):
+        lines += [f"## {m}" + (" (headline)" if m == metric else ""), ""]
+        lines += [markdown_table(*_table(summary, m, keys, memory=m == metric)), ""]
+    missing = [c for c in cells if not c.complete]
+    if missing:
+        lines += ["## Cells left out (not complete)", ""]
+        lines += [f"- {c.name}: {c.status}" + (f" — {c.note}" if c.note else "") for c in missing] + [""]
+    if plots:
+        lines += ["## Plots", ""] + [f"- {p.relative_to(out_dir)}" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def render_html(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str],
+                metric: str, plots: Sequence[Path], out_dir: Path) -> str:
+    import pandas as pd
+
+    keys = ["method", "strategy", "buffer_size", *_varying(summary, [*GROUP[3:], *extras])]
+    complete = sum(c.complete for c in cells)
+    parts = [f"<h1>Sweep report: {html.escape(name)}</h1>",
+             f"<p>{complete} of {len(cells)} cells complete · mean ± std over seeds (sample std, n−1) · memory = final "
+             "method state + replay buffer, MB = 10<sup>6</sup> bytes · peak RSS = largest per-step peak</p>"]
+    common = _common(summary, cells, extras)
+    if common:
+        parts.append(f"<p>common: {html.escape(common)}</p>")
+    for m in _table_metrics(summary, metric):
+        headers, rows, _ = _table(summary, m, keys, memory=m == metric)
+        parts.append(f"<h2>{html.escape(m)}</h2>")
+        parts.append(pd.DataFrame(rows, columns=headers).to_html(index=False, escape=True, border=0))
+    missing = [c for c in cells if not c.complete]
+    if missing:
+        parts.append("<h2>Cells left out (not complete)</h2><ul>")
+        parts += [f"<li>{html.escape(c.name)}: {html.escape(c.status)}{(' — ' + html.escape(c.note)) if c.note else ''}</li>"
+                  for c in missing]
+        parts.append("</ul>")
+    if plots:
+        parts.append("<h2>Plots</h2>")
+        parts += [f'<p><img src="{html.escape(str(p.relative_to(out_dir)))}" alt="{html.escape(p.name)}"></p>' for p in plots]
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
+             "th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}th{background:#f3f3f3}"
+             "img{max-width:100%}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(name)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def _variant_label(row: "pd.Series", variant_keys: Sequence[str]) -> str:
+    extras = [f"{k.split('.')[-1]}={row[k]}" for k in variant_keys if k != "method"]
+    return str(row["method"]) + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _draw_vs_replay(ax, summary: "pd.DataFrame", column: str, variant_keys: Sequence[str]) -> None:
+    """Replay-like strategies as lines over buffer size (band = ± std; one size = a point with an
+    error bar); sequential / joint as horizontal reference lines, in the same colour per method."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    colours = plt.get_cmap("tab10")
+    styles = ["-", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
+    replay = sorted(s for s in summary["strategy"].unique() if s not in BOUNDS)
+    sizes = sorted({int(b) for b in summary.loc[summary["strategy"].isin(replay), "buffer_size"]})
+    variants = summary.drop_duplicates(list(variant_keys))
+    for k, (_, variant) in enumerate(variants.iterrows()):
+        colour = colours(k % colours.N)
+        label = _variant_label(variant, variant_keys)
+        mask = np.logical_and.reduce([summary[key].astype(str) == str(variant[key]) for key in variant_keys])
+        rows = summary[mask]
+        for s, strategy in enumerate(replay):
+            sel = rows[rows["strategy"] == strategy].sort_values("buffer_size")
+            y = sel[f"{column}_mean"].to_numpy(dtype=float)
+            if sel.empty or not np.isfinite(y).any():
+                continue
+            x = sel["buffer_size"].to_numpy(dtype=float)
+            e = np.nan_to_num(sel[f"{column}_std"].to_numpy(dtype=float))
+            name = f"{label} {strategy}"
+            ax.plot(x, y, ls=styles[s % len(styles)], marker="o", color=colour, lw=1.8, label=name)
+            if len(x) > 1:
+                ax.fill_between(x, y - e, y + e, color=colour, alpha=0.18, lw=0)
+            ax.errorbar(x, y, yerr=e, fmt="none", ecolor=colour, capsize=4, lw=1)
+        for strategy, style in (("sequential", "--"), ("joint", ":")):
+            for _, bound in rows[rows["strategy"] == strategy].iterrows():
+                y, e = float(bound[f"{column}_mean"]), float(bound[f"{column}_std"])
+                if not math.isfinite(y):
+                    continue
+                ax.axhline(y, ls=style, color=colour, lw=1.6, label=f"{label} {strategy} ({BOUNDS[strategy]})")
+                if math.isfinite(e) and e > 0:
+                    ax.axhspan(y - e, y + e, color=colour, alpha=0.08, lw=0)
+    if sizes:
+        positive = [s for s in sizes if s > 0]
+        if len(sizes) >= 3 and positive and max(sizes) / min(positive) >= 20:
+            ax.set_xscale("symlog", linthresh=min(positive))
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(s) for s in sizes])
+        if len(sizes) == 1:
+            pad = max(1.0, 0.5 * sizes[0])
+            ax.set_xlim(sizes[0] - pad, sizes[0] + pad)
+        ax.set_xlabel("replay buffer size (images)")
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel("replay buffer size (no replay runs in this sweep: bounds only)")
+    ax.grid(True, alpha=0.3)
+
+
+def _finish(fig, ax, title: str) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+
+
+def plot_vs_replay(summary: "pd.DataFrame", column: str, out_path: Path, *, ylabel: str, title: str,
+                   variant_keys: Sequence[str]) -> Path:
+    import matplotlib.pyplot as plt
+
+    from clbench.plots import _save_atomic
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    _draw_vs_replay(ax, summary, column, variant_keys)
+    ax.set_ylabel(ylabel)
+    _finish(fig, ax, title)
+    return _save_atomic(fig, out_path)
+
+
+def plot_memory_vs_replay(summary: "pd.DataFrame", out_path: Path, *, title: str, variant_keys: Sequence[str]) -> Path:
+    import matplotlib.pyplot as plt
+
+    from clbench.plots import _save_atomic
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    _draw_vs_replay(axes[0], summary, "memory_mb", variant_keys)
+    axes[0].set_ylabel("MB (10^6 bytes)")
+    axes[0].set_title("final method state + replay buffer", fontsize=9)
+    axes[0].set_ylim(bottom=0)
+    _draw_vs_replay(axes[1], summary, "peak_rss_mb", variant_keys)
+    axes[1].set_ylabel("MB (10^6 bytes)")
+    axes[1].set_title("peak RSS (largest per-step peak)", fontsize=9)
+    axes[1].set_ylim(bottom=0)
+    _finish(fig, axes[1], title)
+    fig.subplots_adjust(top=0.8, wspace=0.3)
+    return _save_atomic(fig, out_path)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text)
+
+
+def plot_group_heatmaps(cells: Sequence[CellInfo], summary: "pd.DataFrame", extras: Sequence[str], metric: str,
+                        out_dir: Path) -> list[Path]:
+    """One accuracy-matrix heatmap per group, averaged over its seeds (``plots.plot_accuracy_heatmap``
+    averages duplicate (step, task) rows). Seeds with different task orders are aligned by stream
+    position (T1 = first task learned, ...)."""
+    import pandas as pd
+
+    from clbench.plots import plot_accuracy_heatmap
+
+    group = [*GROUP, *extras]
+    varying = _varying(summary, [*GROUP[3:], *extras])
+    written = []
+    for _, row in summary.iterrows():
+        members = [c for c in cells if c.complete and all(str(c.params[k]) == str(row[k]) for k in group)]
+        frames, orders = [], []
+        for cell in members:
+            frame = pd.read_csv(cell.run_dir / "metrics.csv")
+            frames.append(frame)
+            orders.append(tuple(cell.tasks))
+        if not frames:
+            continue
+        tasks = list(orders[0])
+        by_position = len(set(orders)) > 1
+        if by_position:
+            for frame, order in zip(frames, orders):
+                position = {t: f"T{i + 1}" for i, t in enumerate(order)}
+                frame["eval_task"] = frame["eval_task"].map(lambda t: position.get(t, t))
+                frame["trained_task"] = frame["trained_task"].map(lambda t: position.get(t, t))
+            tasks = [f"T{i + 1}" for i in range(len(orders[0]))]
+        merged = pd.concat(frames, ignore_index=True)
+        if metric not in set(merged["metric"]):
+            continue
+        n = len(members)
+        what = f"{row['method']} (mean of {n} seed{'s' if n != 1 else ''}" + (", tasks by stream position)" if by_position else ")")
+        info = {"method": what, "strategy": row["strategy"], "backbone": row["backbone"],
+                "pretrained": row["pretrained"] if isinstance(row["pretrained"], bool) else None,
+                "replay_size": int(row["buffer_size"]), "tasks": tasks}
+        parts = [str(row["method"]), str(row["strategy"])]
+        if row["strategy"] not in BOUNDS or int(row["buffer_size"]):
+            parts.append(f"buffer{int(row['buffer_size'])}")
+        parts += [f"{k.split('.')[-1]}{row[k]}" for k in varying]
+        out = out_dir / f"heatmap_{metric}_{_slug('-'.join(parts))}.png"
+        written.append(plot_accuracy_heatmap(merged, out, metric=metric, title_info=info))
+    return written
+
+
+def write_plots(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str], metric: str,
+                out_dir: Path) -> list[Path]:
+    variant_keys = ["method", *_varying(summary, [*GROUP[3:], *extras])]
+    common = _common(summary, [], extras)
+    sub = f"{name} · mean ± std over seeds" + (f" · {common}" if common else "")
+    written = []
+    if f"{metric}_acc_mean" in summary.columns:
+        written.append(plot_vs_replay(summary, f"{metric}_acc", out_dir / f"acc_vs_replay_{metric}.png",
+                                      ylabel=f"final {metric} (ACC)", variant_keys=variant_keys,
+                                      title=f"Final {metric} (ACC) vs replay buffer size\n{sub}"))
+        written.append(plot_vs_replay(summary, f"{metric}_fm", out_dir / f"fm_vs_replay_{metric}.png",
+                                      ylabel=f"forgetting FM of {metric} (higher = more)", variant_keys=variant_keys,
+                                      title=f"Forgetting (FM, {metric}) vs replay buffer size\n{sub}"))
+    if "memory_mb_mean" in summary.columns:
+        written.append(plot_memory_vs_replay(summary, out_dir / "memory_vs_replay.png", variant_keys=variant_keys,
+                                             title=f"Memory vs replay buffer size\n{sub}"))
+    written += plot_group_heatmaps(cells, summary, extras, metric, out_dir)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------
+def build_report(sweep_dir: str | Path, metric: str = "pixel_auroc", out_dir: str | Path | None = None) -> Report:
+    """Aggregate a sweep's cells; write CSVs, markdown, HTML and plots to ``<sweep_dir>/report``."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir}: sweep folder not found")
+    out = Path(out_dir) if out_dir is not None else sweep_dir / REPORT_DIR
+    cells, extras, name = load_cells(sweep_dir)
+    missing = [c for c in cells if not c.complete]
+    if missing:
+        warnings.warn(f"{sweep_dir}: {len(missing)} of {len(cells)} cells not complete, left out of the aggregates: "
+                      + ", ".join(f"{c.name} ({c.status})" for c in missing), stacklevel=2)
+    available = sorted({m for c in cells if c.complete for m in (c.summary.get("metrics") or {})})
+    if available and metric not in available:
+        raise ValueError(f"--metric: '{metric}' is not in the runs' summaries (available: {', '.join(available)})")
+
+    files = [atomic.write_csv(out / "runs.csv", runs_frame(cells, extras))]
+    per_cell = cells_frame(cells, extras)
+    files.append(atomic.write_csv(out / "cells.csv", per_cell))
+    summary = summarize_cells(per_cell, extras)
+    files.append(atomic.write_csv(out / "summary.csv", summary))
+    plots = write_plots(name, summary, cells, extras, metric, out / "plots") if len(summary) else []
+    markdown = render_markdown(name, summary, cells, extras, metric, plots, out)
+    files.append(atomic.write_text(out / "summary.md", markdown))
+    files.append(atomic.write_text(out / "summary.html", render_html(name, summary, cells, extras, metric, plots, out)))
+    return Report(out, files + plots, summary, cells, markdown)
+
+
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "report",
+        help="aggregate a sweep's runs: tables (csv, md, html) and plots",
+        description="Aggregate every cell of a sweep over seeds (mean ± std of ACC, BWT, FM, memory) into "
+                    "SWEEP_DIR/report/: runs.csv, cells.csv, summary.csv/.md/.html and plots/.",
+    )
+    p.add_argument("sweep_dir", type=Path, help="the sweep folder (<output_dir>/<name>, with sweep.yaml)")
+    p.add_argument("--metric", default="pixel_auroc", help="headline metric of tables and plots (default: pixel_auroc)")
+    p.add_argument("--output", dest="out_dir", type=Path, help="report folder (default: SWEEP_DIR/report)")
+    p.set_defaults(func=cmd_report)
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = build_report(args.sweep_dir, args.metric, args.out_dir)
+    print(report.markdown)
+    for warning in caught:
+        print(f"warning: {warning.message}")
+    print(f"wrote {len(report.files)} files to {report.out_dir}")
+    if report.summary.empty:
+        print("no complete cells: nothing to aggregate")
+        return 1
+    return 0

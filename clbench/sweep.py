@@ -1,0 +1,755 @@
+"""Sweeps: a grid of runs (methods x replay sizes x seeds x ...), each a normal run folder.
+
+A sweep spec (YAML)::
+
+    name: replay-sweep
+    output_dir: results/sweeps          # the sweep folder is <output_dir>/<name>/
+    base: {tasks: 4, image_size: 64, weights: none, device: cpu}
+    grid:                               # a mapping (one product) or a list of mappings (union)
+      method: [padim, stfpm]
+      strategy: [replay]
+      strategy_params.buffer_size: [0, 20, 100]     # dotted keys address nested mappings
+      seed: [0, 1]
+
+Every cell is ``base`` with one combination of the grid values on top, run by
+``clbench.runner.run_experiment`` into ``<sweep_dir>/runs/<cell>/``, so config validation, atomic
+results and checkpoints come from the runner. ``<sweep_dir>/sweep.yaml`` holds the resolved spec and
+the cells; ``status.json`` the last outcome of each cell; ``logs/<cell>.log`` each cell's log.
+
+Re-running a sweep skips finished cells (``summary.json`` with ``complete: true``) and resumes cells
+that were started and killed. Every cell's config is validated before anything runs. A failing
+cell is reported with its one-line error and does not stop the others.
+
+Executors sit behind one seam, ``Executor.map(fn, cells) -> iterator of CellResult`` (in
+completion order): ``serial`` (in this process), ``local`` (a process pool, one fresh process per
+cell) and ``ray`` (Ray tasks, local or on a cluster).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import textwrap
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+import yaml
+
+from clbench import atomic
+from clbench.config import ConfigError, RunConfig, from_mapping
+
+log = logging.getLogger("clbench.sweep")
+
+SPEC_KEYS = ("name", "output_dir", "base", "grid")
+DEFAULT_OUTPUT = "results/sweeps"
+RUNS = "runs"
+LOGS = "logs"
+SWEEP_FILE = "sweep.yaml"
+STATUS_FILE = "status.json"
+EXECUTORS = ("local", "serial", "ray")
+SET_BY_SWEEP = ("name", "output_dir")  # RunConfig keys the sweep sets per cell
+# Grid keys whose value alone reads well in a cell name ("shuffle", "wide_resnet50_2").
+VALUE_ONLY = ("task_order", "backbone")
+_RUN_DEFAULTS = RunConfig().to_dict()
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+MAX_NAME = 120
+
+
+# --------------------------------------------------------------------------------------------
+# spec and cells
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SweepSpec:
+    name: str
+    output_dir: str
+    base: dict[str, Any]
+    grids: list[dict[str, list[Any]]]
+    source: str = "sweep"
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class Cell:
+    """One run of the sweep: its name, the grid values that define it, and its full config."""
+
+    name: str
+    params: dict[str, Any]  # grid key (dotted) -> value
+    config: dict[str, Any]  # RunConfig mapping (nested), output_dir and name set by the sweep
+    sweep_dir: str
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.sweep_dir) / RUNS / self.name
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.sweep_dir) / LOGS / f"{self.name}.log"
+
+
+@dataclass
+class CellResult:
+    name: str
+    status: str  # ran | resumed | skipped | failed
+    seconds: float = 0.0
+    error: str | None = None  # one line
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+def one_line(err: BaseException | str) -> str:
+    """``Type: first line of the message`` (ConfigError / ValueError messages already name the fault)."""
+    if isinstance(err, str):
+        return err
+    lines = str(err).strip().splitlines()
+    message = lines[0] if lines else ""
+    kind = type(err).__name__
+    return f"{kind}: {message}" if message else kind
+
+
+def load_spec(path: str | Path, output_dir: str | None = None) -> SweepSpec:
+    """Read and check a sweep YAML (structure only; cells are validated by ``expand``)."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep spec not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(SPEC_KEYS)}")
+    data.setdefault("name", path.stem)
+    return spec_from_mapping(data, source, output_dir)
+
+
+def spec_from_mapping(data: Mapping[str, Any], source: str = "sweep", output_dir: str | None = None) -> SweepSpec:
+    unknown = [k for k in data if k not in SPEC_KEYS]
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{unknown[0]}' (a sweep has: {', '.join(SPEC_KEYS)})")
+    name = data.get("name")
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ConfigError(f"{source}: 'name' must be a folder name, got {name!r}")
+    out = output_dir if output_dir is not None else data.get("output_dir", DEFAULT_OUTPUT)
+    if not isinstance(out, str) or not out:
+        raise ConfigError(f"{source}: 'output_dir' must be a path, got {out!r}")
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{source}: 'base' must be a mapping of run-config keys, got {base!r}")
+    if "grid" not in data:
+        raise ConfigError(f"{source}: 'grid' is missing (a mapping of keys to lists of values)")
+    grid = data["grid"]
+    grids = grid if isinstance(grid, list) else [grid]
+    if not grids:
+        raise ConfigError(f"{source}: 'grid' is empty")
+    for i, g in enumerate(grids):
+        where = f"{source}: grid" if not isinstance(grid, list) else f"{source}: grid[{i}]"
+        if not isinstance(g, dict) or not g:
+            raise ConfigError(f"{where} must be a non-empty mapping of keys to lists of values, got {g!r}")
+        for key, values in g.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"{where}: bad key {key!r}")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}: '{key}' must be a non-empty list of values, got {values!r}")
+    for key in list(base) + [k for g in grids for k in g]:
+        if key.split(".")[0] in SET_BY_SWEEP:
+            raise ConfigError(f"{source}: '{key}' is set by the sweep (runs go to <output_dir>/<name>/runs/<cell>); remove it")
+    return SweepSpec(name=name, output_dir=out, base=dict(base), grids=[dict(g) for g in grids], source=source)
+
+
+def set_dotted(mapping: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """``mapping['a']['b'] = value`` for ``key='a.b'``; the first part must be a RunConfig key."""
+    head, *rest = key.split(".")
+    if head not in _RUN_DEFAULTS:
+        where = f" in '{key}'" if rest else ""
+        raise ConfigError(f"{source}: unknown key '{head}'{where} (known: {', '.join(_RUN_DEFAULTS)})")
+    if not rest:
+        mapping[key] = copy.deepcopy(value)
+        return
+    if not isinstance(_RUN_DEFAULTS[head], dict):
+        raise ConfigError(f"{source}: '{head}' is not a mapping, cannot set '{key}'")
+    node = mapping.setdefault(head, {})
+    for part in rest[:-1]:
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: cannot set '{key}': its parent is not a mapping")
+        node = node.setdefault(part, {})
+    if not isinstance(node, dict) or not rest[-1]:
+        raise ConfigError(f"{source}: cannot set '{key}'")
+    node[rest[-1]] = copy.deepcopy(value)
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "+".join(_format_value(v) for v in value)
+    if isinstance(value, dict):
+        return "+".join(f"{k}{_format_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _abbreviations(keys: Sequence[str]) -> dict[str, str]:
+    """Grid key -> name in cell names: its last dotted part, unless two keys share it."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k.replace(".", "_")) for k, s in zip(keys, last)}
+
+
+def _component(abbr: str, key: str, value: Any) -> str:
+    text = _format_value(value)
+    if key in VALUE_ONLY:
+        return text
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{abbr}{text}"
+    return f"{abbr}_{text}"
+
+
+def cell_name(params: Mapping[str, Any], config: Mapping[str, Any], abbreviations: Mapping[str, str]) -> str:
+    """``<method>-<strategy>[-<grid key><value>...]-seed<N>``, deterministic.
+
+    Method, strategy and seed are always in the name; every other grid key of the cell is, in
+    grid order, except top-level run keys at their RunConfig default (``task_order: given``), so
+    adding values to a grid later never renames the cells that already exist.
+    """
+    parts = [_format_value(config.get("method", _RUN_DEFAULTS["method"])),
+             _format_value(config.get("strategy", _RUN_DEFAULTS["strategy"]))]
+    for key, value in params.items():
+        if key in ("method", "strategy", "seed"):
+            continue
+        if key in _RUN_DEFAULTS and value == _RUN_DEFAULTS[key]:
+            continue
+        parts.append(_component(abbreviations[key], key, value))
+    parts.append(f"seed{_format_value(config.get('seed', _RUN_DEFAULTS['seed']))}")
+    name = _UNSAFE.sub("_", "-".join(parts)).strip("._") or "cell"
+    if len(name) > MAX_NAME:
+        name = f"{name[:MAX_NAME - 9]}-{_digest(params)}"
+    return name
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _absolute_paths(config: dict[str, Any]) -> None:
+    """Workers (other processes, Ray nodes) may not share the cwd: make file paths absolute."""
+    root = config.get("data_root", _RUN_DEFAULTS["data_root"])
+    if isinstance(root, str) and root:
+        config["data_root"] = str(Path(root).expanduser().resolve())
+    weights = config.get("weights")
+    if isinstance(weights, str) and weights not in ("auto", "none", "imagenet") and Path(weights).expanduser().exists():
+        config["weights"] = str(Path(weights).expanduser().resolve())
+
+
+def expand(spec: SweepSpec, *, check: bool = True) -> list[Cell]:
+    """All cells of the spec, in grid order; names unique. With ``check``, each cell's config is
+    validated (RunConfig keys and values, method, method_params, strategy, strategy_params), so a
+    typo stops the sweep before anything runs, with one line naming the key and the cell."""
+    import itertools
+
+    sweep_dir = Path(spec.output_dir).expanduser().resolve() / spec.name
+    keys = list(dict.fromkeys(k for g in spec.grids for k in g))
+    abbreviations = _abbreviations(keys)
+    base: dict[str, Any] = {}
+    for key, value in spec.base.items():
+        set_dotted(base, key, value, f"{spec.source}: base")
+    cells: list[Cell] = []
+    seen: dict[str, Cell] = {}
+    for i, grid in enumerate(spec.grids):
+        where = f"{spec.source}: grid" if len(spec.grids) == 1 else f"{spec.source}: grid[{i}]"
+        for values in itertools.product(*grid.values()):
+            params = dict(zip(grid.keys(), values))
+            config = copy.deepcopy(base)
+            for key, value in params.items():
+                set_dotted(config, key, value, where)
+            _absolute_paths(config)
+            name = cell_name(params, config, abbreviations)
+            if name in seen:
+                if seen[name].config == {**config, "output_dir": seen[name].config["output_dir"], "name": name}:
+                    continue  # the same run listed by two grids
+                name = f"{name}-{_digest(params)}"
+            config["output_dir"] = str(sweep_dir / RUNS)
+            config["name"] = name
+            cell = Cell(name=name, params=params, config=config, sweep_dir=str(sweep_dir))
+            seen[name] = cell
+            cells.append(cell)
+    if check:
+        for cell in cells:
+            validate_cell(cell, spec.source)
+    return cells
+
+
+def validate_cell(cell: Cell, source: str = "sweep") -> RunConfig:
+    """Everything about a cell that can be checked without data: RunConfig keys and values, the
+    method and strategy names and their parameter names (what the runner checks at start-up)."""
+    where = f"{source}: cell {cell.name}"
+    config = from_mapping(cell.config, where)
+    from methods.base import METHODS
+    from strategies.base import STRATEGIES
+
+    try:
+        method_cls = METHODS.get(config.method)
+        method_cls.resolve_params(config.method_params)
+        if config.backbone is not None and "backbone" not in method_cls.hyperparameters:
+            raise ConfigError(f"backbone: method '{config.method}' takes no backbone")
+        strategy_cls = STRATEGIES.get(config.strategy)
+        unknown = sorted(set(config.strategy_params) - set(strategy_cls.hyperparameters))
+        if unknown:
+            known = ", ".join(sorted(strategy_cls.hyperparameters)) or "none"
+            raise ConfigError(f"strategy_params: unknown key '{unknown[0]}' for strategy '{config.strategy}' (known: {known})")
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# one cell (runs in a worker)
+# --------------------------------------------------------------------------------------------
+def is_complete(run_dir: Path) -> bool:
+    path = Path(run_dir) / "summary.json"
+    try:
+        return json.loads(path.read_text()).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def stale_key(cell: Cell) -> str | None:
+    """The first key a finished cell's ``config.yaml`` disagrees with the spec on (None if none).
+
+    Keys the runner resolves (``tasks`` given as a count or preset, ``backbone: null``) and keys
+    that may change between a run and its resume are not compared; nested mappings are compared on
+    the keys the spec sets (the saved ones carry defaults too)."""
+    from clbench.runner import RESUME_FREE_KEYS
+
+    path = cell.run_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+
+    def differs(have: Any, want: Any, prefix: str) -> str | None:
+        for key, value in want.items():
+            if not prefix and (key in RESUME_FREE_KEYS or key == "name"
+                               or (key == "tasks" and (not isinstance(value, list) or want.get("task_order") == "shuffle"))
+                               or (key == "backbone" and value is None)):
+                continue
+            old = have.get(key) if isinstance(have, dict) else None
+            if isinstance(value, dict):
+                found = differs(old or {}, value, f"{prefix}{key}.")
+                if found:
+                    return found
+            elif old != value:
+                return f"{prefix}{key}: was {old!r}, the spec says {value!r}"
+        return None
+
+    return differs(saved, cell.config, "")
+
+
+def run_cell(cell: Cell) -> CellResult:
+    """Run (or resume) one cell; never raises: a failure comes back as a result with one line.
+    Its log (and a failure's traceback) goes to ``<sweep>/logs/<cell>.log``."""
+    start = time.perf_counter()
+    if is_complete(cell.run_dir):
+        return CellResult(cell.name, "skipped")
+    resume = (cell.run_dir / "config.yaml").is_file()
+    cell.log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(cell.log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("clbench")
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        _apply_threads()  # in a pool / Ray worker: its share of the cores
+        from clbench.runner import run_experiment
+
+        logger.info("cell %s: %s", cell.name, "resuming" if resume else "starting")
+        run_experiment(from_mapping(cell.config, f"cell {cell.name}"), resume=resume, progress=False)
+        return CellResult(cell.name, "resumed" if resume else "ran", time.perf_counter() - start)
+    except Exception as err:  # noqa: BLE001 - a failed cell must not stop the others
+        logger.error("cell %s failed:\n%s", cell.name, traceback.format_exc())
+        return CellResult(cell.name, "failed", time.perf_counter() - start, one_line(err))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
+# --------------------------------------------------------------------------------------------
+# executors
+# --------------------------------------------------------------------------------------------
+CellFn = Callable[[Cell], CellResult]
+
+
+class Executor(Protocol):
+    """Runs ``fn`` on every cell; yields one CellResult per cell, in completion order. ``fn``
+    itself never raises; a worker that dies comes back as a failed result for its cell."""
+
+    def map(self, fn: CellFn, cells: Sequence[Cell]) -> Iterator[CellResult]: ...
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+THREADS_ENV = "CLBENCH_TORCH_THREADS"
+
+
+def _set_threads(threads: int) -> None:
+    """Worker start-up: thread count for torch (set when a cell starts, see ``_apply_threads``)
+    and the BLAS/OpenMP libraries, so ``workers`` cells share the cores instead of oversubscribing."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", THREADS_ENV):
+        os.environ[var] = str(threads)
+    if "torch" in sys.modules:
+        _apply_threads()
+
+
+def _apply_threads() -> None:
+    threads = os.environ.get(THREADS_ENV)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+class SerialExecutor:
+    """In this process, one cell after another (debuggable; the tests use it)."""
+
+    workers = 1
+    threads = None
+
+    def map(self, fn: CellFn, cells: Sequence[Cell]) -> Iterator[CellResult]:
+        for cell in cells:
+            try:
+                yield fn(cell)
+            except Exception as err:  # noqa: BLE001
+                yield CellResult(cell.name, "failed", error=one_line(err))
+
+    def describe(self) -> str:
+        return "serial (in this process)"
+
+
+class LocalExecutor:
+    """A process pool on this machine: ``workers`` cells at a time, each in a fresh spawned process
+    (clean peak-RSS per cell, safe with torch) with ``cores // workers`` torch threads."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or default_workers()
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        self.threads = max(1, available_cores() // self.workers)
+
+    def describe(self) -> str:
+        return f"local process pool, {self.workers} worker(s) x {self.threads} thread(s)"
+
+    def _pool(self, workers: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        kwargs: dict[str, Any] = {}
+        if sys.version_info >= (3, 11):
+            kwargs["max_tasks_per_child"] = 1
+        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_set_threads, initargs=(self.threads,), **kwargs)
+
+    def map(self, fn: CellFn, cells: Sequence[Cell]) -> Iterator[CellResult]:
+        from concurrent.futures import as_completed
+        from concurrent.futures.process import BrokenProcessPool
+
+        broken: list[Cell] = []
+        returned = False  # whether any worker has come back with a result
+        with self._pool(self.workers) as pool:
+            futures = {pool.submit(fn, cell): cell for cell in cells}
+            try:
+                for future in as_completed(futures):
+                    cell = futures[future]
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        broken.append(cell)
+                        continue
+                    except Exception as err:  # noqa: BLE001
+                        yield CellResult(cell.name, "failed", error=one_line(err))
+                        continue
+                    returned = True
+                    yield result
+            except BaseException:  # Ctrl-C, or the caller stopped early: start nothing more
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        if broken:
+            # A worker died (killed, e.g. out of memory) and took the pool with it: every unfinished
+            # cell got BrokenProcessPool. Re-run those one at a time, each in its own pool, so
+            # only the cell that dies fails (the others resume from their checkpoints).
+            # If no worker ever returned and two isolated retries die too, workers die at start-up
+            # (e.g. a main module without ``if __name__ == "__main__":``): fail the rest at once.
+            log.warning("a worker process died; re-running %d unfinished cell(s) one at a time", len(broken))
+            deaths = 0
+            for cell in broken:
+                if deaths >= 2 and not returned:
+                    yield CellResult(cell.name, "failed", error="not run: worker processes die at start-up (see the error above)")
+                    continue
+                with self._pool(1) as pool:
+                    try:
+                        result = pool.submit(fn, cell).result()
+                    except BrokenProcessPool:
+                        deaths += 1
+                        yield CellResult(cell.name, "failed", error="worker process died before returning "
+                                         "(killed, e.g. out of memory, or crashed at start-up: see stderr)")
+                        continue
+                    except Exception as err:  # noqa: BLE001
+                        yield CellResult(cell.name, "failed", error=one_line(err))
+                        continue
+                    returned = True
+                    yield result
+
+
+def _ray_entry(fn: CellFn, cell: Cell, threads: int) -> CellResult:
+    _set_threads(threads)
+    return fn(cell)
+
+
+class RayExecutor:
+    """Ray tasks: ``ray.init(address)`` (an existing cluster: "auto", "ray://host:10001") or a
+    local instance; ``workers`` cells at a time, each with ``cluster CPUs // workers`` CPUs and a
+    fresh worker process. Paths in the configs must exist on the nodes (shared file system)."""
+
+    def __init__(self, workers: int | None = None, address: str | None = None) -> None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError("executor 'ray': Ray is not installed (pip install 'clbench[ray]')") from None
+        self.workers = workers
+        self.address = address
+        self.threads: int | None = None
+        if workers is not None and workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {workers}")
+
+    def describe(self) -> str:
+        where = self.address or "a local instance"
+        return f"ray on {where}, {self.workers or 'default'} worker(s)"
+
+    def map(self, fn: CellFn, cells: Sequence[Cell]) -> Iterator[CellResult]:
+        import ray
+
+        started = False
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address)
+            else:
+                ray.init(num_cpus=available_cores(), include_dashboard=False)
+            started = True
+        try:
+            total = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            workers = self.workers or max(1, total // 2)
+            self.threads = max(1, total // workers)
+            remote = ray.remote(num_cpus=self.threads, max_calls=1, max_retries=1)(_ray_entry)
+            refs = {remote.remote(fn, cell, self.threads): cell for cell in cells}
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                for ref in ready:
+                    cell = refs.pop(ref)
+                    try:
+                        yield ray.get(ref)
+                    except Exception as err:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, ...
+                        yield CellResult(cell.name, "failed", error=one_line(err))
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def make_executor(name: str, workers: int | None = None, ray_address: str | None = None) -> Executor:
+    if name == "serial":
+        return SerialExecutor()
+    if name == "local":
+        return LocalExecutor(workers)
+    if name == "ray":
+        return RayExecutor(workers, ray_address)
+    raise ConfigError(f"--executor: unknown executor '{name}' (use one of: {', '.join(EXECUTORS)})")
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SweepOutcome:
+    sweep_dir: Path
+    cells: list[Cell]
+    results: dict[str, CellResult] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[CellResult]:
+        return [r for r in self.results.values() if r.failed]
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results.values())
+
+
+def _write_sweep_file(spec: SweepSpec, cells: list[Cell], sweep_dir: Path) -> None:
+    data = {
+        "name": spec.name,
+        "output_dir": str(sweep_dir.parent),
+        "spec_file": spec.source,
+        "base": spec.base,
+        "grid": spec.grids[0] if len(spec.grids) == 1 else spec.grids,
+        "cells": [
+            {"name": c.name, "run_dir": f"{RUNS}/{c.name}", "params": c.params,
+             "config": from_mapping(c.config).to_dict()}
+            for c in cells
+        ],
+    }
+    atomic.write_yaml(sweep_dir / SWEEP_FILE, data)
+
+
+def _write_status(sweep_dir: Path, cells: list[Cell], results: Mapping[str, CellResult]) -> None:
+    status = {}
+    for cell in cells:
+        result = results.get(cell.name)
+        if result is None:
+            status[cell.name] = {"status": "pending"}
+        else:
+            status[cell.name] = {"status": "complete" if result.status in ("ran", "resumed", "skipped") else result.status,
+                                 "last": result.status, "seconds": round(result.seconds, 2), "error": result.error}
+    atomic.write_json(sweep_dir / STATUS_FILE, {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "cells": status})
+
+
+def _prepare_datasets(cells: Sequence[Cell]) -> None:
+    """Generate missing synthetic datasets once, here, before workers start (not in parallel)."""
+    from clbench.runner import ensure_dataset
+
+    seen = set()
+    for cell in cells:
+        config = from_mapping(cell.config)
+        if config.data_root not in seen:
+            seen.add(config.data_root)
+            ensure_dataset(config)
+
+
+def run_sweep(
+    spec: SweepSpec | str | Path,
+    executor: str | Executor = "local",
+    *,
+    workers: int | None = None,
+    output_dir: str | None = None,
+    ray_address: str | None = None,
+    dry_run: bool = False,
+    cell_fn: CellFn = run_cell,
+    echo: Callable[[str], None] = print,
+) -> SweepOutcome:
+    """Validate every cell, write ``sweep.yaml``, skip finished cells, run/resume the rest."""
+    if not isinstance(spec, SweepSpec):
+        spec = load_spec(spec, output_dir)
+    elif output_dir is not None:
+        spec = SweepSpec(spec.name, output_dir, spec.base, spec.grids, spec.source)
+    cells = expand(spec)  # raises ConfigError (naming key and cell) before anything runs
+    runner = make_executor(executor, workers, ray_address) if isinstance(executor, str) else executor
+    sweep_dir = Path(cells[0].sweep_dir)
+    outcome = SweepOutcome(sweep_dir, cells)
+
+    todo: list[Cell] = []
+    resume = 0
+    for cell in cells:
+        if is_complete(cell.run_dir):
+            stale = stale_key(cell)
+            if stale:
+                outcome.results[cell.name] = CellResult(
+                    cell.name, "failed",
+                    error=f"finished run {cell.run_dir} no longer matches the spec ({stale}); "
+                          "delete that folder to run it again, or give the sweep a new name")
+            else:
+                outcome.results[cell.name] = CellResult(cell.name, "skipped")
+        else:
+            todo.append(cell)
+            resume += (cell.run_dir / "config.yaml").is_file()
+    describe = getattr(runner, "describe", lambda: type(runner).__name__)()
+    echo(f"sweep {spec.name}: {len(cells)} cells in {sweep_dir} - {outcome.count('skipped')} finished, "
+         f"{resume} to resume, {len(todo) - resume} to run; {describe}")
+    if dry_run:
+        for cell in cells:
+            state = outcome.results[cell.name].status if cell.name in outcome.results else (
+                "resume" if (cell.run_dir / "config.yaml").is_file() else "run")
+            echo(f"  {state:8s} {cell.name}")
+        return outcome
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _write_sweep_file(spec, cells, sweep_dir)
+    for result in outcome.failed:
+        echo(f"FAILED   {result.name}: {result.error}")
+    _write_status(sweep_dir, cells, outcome.results)
+    if todo:
+        _prepare_datasets(todo)
+    for k, result in enumerate(runner.map(cell_fn, todo) if todo else (), start=1):
+        outcome.results[result.name] = result
+        _write_status(sweep_dir, cells, outcome.results)
+        if result.failed:
+            echo(f"[{k}/{len(todo)}] FAILED  {result.name}: {result.error}  (log: {sweep_dir / LOGS / (result.name + '.log')})")
+        else:
+            echo(f"[{k}/{len(todo)}] {result.status:7s} {result.name} ({result.seconds:.1f} s)")
+    done = sum(not r.failed for r in outcome.results.values())
+    echo(f"sweep {spec.name}: {done} of {len(cells)} cells complete, {len(outcome.failed)} failed"
+         + (f" -> clbench report {sweep_dir}" if done else ""))
+    return outcome
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+SWEEP_EXAMPLES = textwrap.dedent(
+    """\
+    examples:
+      clbench sweep configs/sweep_example.yaml                     # process pool, cpu_count/2 workers
+      clbench sweep configs/sweep_example.yaml --workers 4 --output /scratch/sweeps
+      clbench sweep configs/sweep_example.yaml --dry-run           # validate, list cells and their state
+      clbench sweep configs/sweep_example.yaml --executor ray --ray-address auto   # an existing Ray cluster
+      clbench report results/sweeps/replay-sweep                   # tables and plots over the cells
+
+    Re-running a sweep runs only the cells that are missing or unfinished (killed cells resume
+    from their checkpoint). Exit status 1 if any cell failed.
+    """
+)
+
+
+def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "sweep",
+        help="run a grid of experiments (methods x replay sizes x seeds ...)",
+        description="Run every cell of a sweep spec (base config + grid) as a run folder under "
+                    "<output_dir>/<name>/runs/, skipping finished cells and resuming killed ones.",
+        epilog=SWEEP_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("spec", type=Path, help="sweep YAML: name, output_dir, base, grid")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: process pool (default); serial: in this process; ray: Ray tasks")
+    p.add_argument("--workers", type=int, help=f"cells at a time (default: cpu_count // 2 = {default_workers()})")
+    p.add_argument("--output", dest="output_dir", help="overrides the spec's output_dir")
+    p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: start a local instance)")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    p.set_defaults(func=cmd_sweep)
+    return p
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    outcome = run_sweep(args.spec, args.executor, workers=args.workers, output_dir=args.output_dir,
+                        ray_address=args.ray_address, dry_run=args.dry_run)
+    return 1 if outcome.failed else 0
+

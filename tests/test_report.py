@@ -1,0 +1,217 @@
+"""The sweep report on hand-made run folders (replay sizes, bounds, incomplete and failed cells):
+aggregates equal mean/std of the cells' summary.json values, tables, plots, the CLI."""
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from clbench.forgetting import summarize, summarize_joint
+from clbench.report import add_report_parser, build_report, markdown_table
+
+TASKS = ["alpha", "beta", "gamma"]
+METRICS = ("pixel_auroc", "image_auroc", "pixel_aupro", "pixel_ap")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(run_dir: Path, *, method: str, strategy: str, seed: int, buffer_size: int | None = None,
+             tasks: list[str] = TASKS, steps_done: int | None = None, method_state: int = 2_000_000,
+             n_features: int = 100) -> None:
+    """A run folder as the runner writes it; values depend on (method, strategy, buffer, seed)."""
+    rng = np.random.default_rng(zlib.crc32(repr((method, strategy, buffer_size, seed, n_features)).encode()))
+    joint = strategy == "joint"
+    n_steps = 1 if joint else len(tasks)
+    done = n_steps if steps_done is None else steps_done
+    run_dir.mkdir(parents=True)
+    params = {} if buffer_size is None else {"buffer_size": buffer_size, "policy": "balanced"}
+    config = {"method": method, "method_params": {"backbone": "resnet18", "n_features": n_features}, "strategy": strategy,
+              "strategy_params": params, "tasks": tasks, "task_order": "given", "seed": seed,
+              "backbone": "resnet18", "name": run_dir.name}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "env.json").write_text(json.dumps({"weights": {"pretrained": False, "source": "none"}}))
+    metric_rows, memory_rows, summary = [], [], {"complete": True, "steps": n_steps, "tasks": tasks, "metrics": {}}
+    for metric in METRICS:
+        R = rng.uniform(0.5, 1.0, size=(n_steps, len(tasks)))
+        for step in range(done):
+            label = "joint" if joint else tasks[step]
+            metric_rows += [dict(step=step, trained_task=label, eval_task=t, metric=metric, value=R[step, j])
+                            for j, t in enumerate(tasks)]
+        summary["metrics"][metric] = summarize_joint(R[-1]) if joint else summarize(R)
+    for step in range(done):
+        label = "joint" if joint else tasks[step]
+        replay = (buffer_size or 0) * 12_288 * min(step, 1)
+        for component, size in (("model_frozen", 44_000_000), ("method_state", method_state),
+                                ("replay_buffer", replay), ("peak_rss", int(rng.integers(800, 900)) * 1_000_000)):
+            memory_rows.append(dict(step=step, trained_task=label, component=component, bytes=size))
+    pd.DataFrame(metric_rows).to_csv(run_dir / "metrics.csv", index=False)
+    pd.DataFrame(memory_rows).to_csv(run_dir / "memory.csv", index=False)
+    if done == n_steps:
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def fake_sweep(root: Path, buffers=(0, 20, 100), methods=("padim", "stfpm"), seeds=(0, 1)) -> Path:
+    """Replay cells over buffer sizes, sequential and joint bounds; the last stfpm replay cell was
+    killed after one step, one cell never started, one failed at start-up (status.json)."""
+    sweep_dir = root / "sweep"
+    cells = []
+    for method in methods:
+        for buffer in buffers:
+            for seed in seeds:
+                cells.append((f"{method}-replay-buffer_size{buffer}-seed{seed}", method, "replay", buffer, seed))
+        for strategy in ("sequential", "joint"):
+            for seed in seeds:
+                cells.append((f"{method}-{strategy}-seed{seed}", method, strategy, None, seed))
+    killed = f"stfpm-replay-buffer_size{buffers[-1]}-seed{seeds[-1]}"
+    never, failed = "padim-replay-buffer_size999-seed0", "padim-replay-buffer_size998-seed0"
+    for name, method, strategy, buffer, seed in cells:
+        fake_run(sweep_dir / "runs" / name, method=method, strategy=strategy, seed=seed, buffer_size=buffer,
+                 steps_done=1 if name == killed else None)
+    entries = [{"name": c[0], "run_dir": f"runs/{c[0]}", "params": {}, "config": {}} for c in cells]
+    for name, buffer in ((never, 999), (failed, 998)):
+        entries.append({"name": name, "run_dir": f"runs/{name}", "params": {},
+                        "config": {"method": "padim", "strategy": "replay", "seed": 0,
+                                   "strategy_params": {"buffer_size": buffer}}})
+    grid = [{"method": list(methods), "strategy": ["replay"], "strategy_params.buffer_size": list(buffers),
+             "seed": list(seeds)}, {"method": list(methods), "strategy": ["sequential", "joint"], "seed": list(seeds)}]
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump({"name": "fake", "grid": grid, "cells": entries}))
+    status = {"cells": {failed: {"status": "failed", "error": "ValueError: tasks: unknown category 'nope'"}}}
+    (sweep_dir / "status.json").write_text(json.dumps(status))
+    return sweep_dir
+
+
+def summaries(sweep_dir: Path, method: str, strategy: str, buffer: int | None) -> list[dict]:
+    pattern = f"{method}-{strategy}-" + (f"buffer_size{buffer}-" if buffer is not None else "") + "seed*"
+    out = []
+    for run in sorted((sweep_dir / "runs").glob(pattern)):
+        if (run / "summary.json").is_file():
+            out.append(json.loads((run / "summary.json").read_text()))
+    return out
+
+
+def test_report_aggregates_over_seeds(tmp_path: Path) -> None:
+    sweep_dir = fake_sweep(tmp_path)
+    with pytest.warns(UserWarning, match="3 of 22 cells not complete"):
+        report = build_report(sweep_dir)
+    out = sweep_dir / "report"
+    summary = pd.read_csv(out / "summary.csv")
+    # 2 methods x (3 replay sizes + sequential + joint)
+    assert len(summary) == 10
+    assert list(summary.loc[summary.method == "padim", "strategy"]) == ["sequential", "replay", "replay", "replay", "joint"]
+    for method in ("padim", "stfpm"):
+        for strategy, buffer in [("replay", 0), ("replay", 20), ("replay", 100), ("sequential", None), ("joint", None)]:
+            cells = summaries(sweep_dir, method, strategy, buffer)
+            row = summary[(summary.method == method) & (summary.strategy == strategy) & (summary.buffer_size == (buffer or 0))]
+            assert len(row) == 1
+            row = row.iloc[0]
+            assert row.n_seeds == len(cells)
+            for metric in ("pixel_auroc", "image_auroc", "pixel_aupro"):
+                for stat in ("acc", "bwt", "fm"):
+                    values = np.array([c["metrics"][metric][stat] for c in cells], dtype=float)
+                    mean = row[f"{metric}_{stat}_mean"]
+                    std = row[f"{metric}_{stat}_std"]
+                    if np.isnan(values).all():  # BWT / FM of joint runs
+                        assert np.isnan(mean) and np.isnan(std)
+                    elif len(values) == 1:  # the killed stfpm cell leaves one seed: no std
+                        assert mean == pytest.approx(values[0]) and np.isnan(std)
+                    else:
+                        assert mean == pytest.approx(values.mean())
+                        assert std == pytest.approx(values.std(ddof=1))
+    killed = summary[(summary.method == "stfpm") & (summary.buffer_size == 100)].iloc[0]
+    assert killed.n_seeds == 1 and killed.seeds == "0"
+    # final memory = method state + replay buffer of the last step; peak RSS = largest step peak
+    row = summary[(summary.method == "padim") & (summary.buffer_size == 20)].iloc[0]
+    assert row.memory_mb_mean == pytest.approx((2_000_000 + 20 * 12_288) / 1e6)
+    assert row.replay_buffer_mb_mean == pytest.approx(20 * 12_288 / 1e6)
+    peaks = [pd.read_csv(sweep_dir / "runs" / f"padim-replay-buffer_size20-seed{s}" / "memory.csv")
+             .query("component == 'peak_rss'")["bytes"].max() / 1e6 for s in (0, 1)]
+    assert row.peak_rss_mb_mean == pytest.approx(np.mean(peaks))
+
+    # runs.csv: every metrics.csv row of every started cell, with the cell's parameters
+    runs = pd.read_csv(out / "runs.csv")
+    started = [p for p in (sweep_dir / "runs").iterdir() if (p / "metrics.csv").is_file()]
+    assert len(runs) == sum(len(pd.read_csv(p / "metrics.csv")) for p in started)
+    assert {"cell", "method", "strategy", "buffer_size", "seed", "task_order", "backbone", "pretrained", "complete",
+            "step", "trained_task", "eval_task", "metric", "value"} <= set(runs.columns)
+    assert set(runs.loc[runs.strategy == "sequential", "buffer_size"]) == {0}
+    assert not runs.loc[runs.cell == "stfpm-replay-buffer_size100-seed1", "complete"].any()
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == 22 and (cells.status == "complete").sum() == 19
+    assert set(cells.loc[cells.status != "complete", "status"]) == {"incomplete", "not started", "failed"}
+
+    # markdown: readable table, incomplete cells listed with why
+    md = (out / "summary.md").read_text()
+    assert md == report.markdown
+    assert "| method | strategy   | buffer | seeds | ACC" in md
+    assert "stfpm-replay-buffer_size100-seed1: incomplete — 1 step(s) done, no summary.json" in md
+    assert "padim-replay-buffer_size998-seed0: failed — ValueError: tasks: unknown category 'nope'" in md
+    assert "padim-replay-buffer_size999-seed0: not started" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len({len(line) for line in table[:12]}) == 1  # padded columns
+    assert "<table" in (out / "summary.html").read_text()
+
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    assert {"acc_vs_replay_pixel_auroc.png", "fm_vs_replay_pixel_auroc.png", "memory_vs_replay.png"} <= set(plots)
+    heatmaps = [p for p in plots if p.startswith("heatmap_pixel_auroc_")]
+    assert len(heatmaps) == 10 and "heatmap_pixel_auroc_padim-replay-buffer20.png" in heatmaps
+    assert "heatmap_pixel_auroc_padim-sequential.png" in heatmaps
+    for name in plots:
+        assert (out / "plots" / name).read_bytes()[:8] == PNG
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_single_replay_size_other_metric_and_shuffled_orders(tmp_path: Path) -> None:
+    """One replay size still plots (points); seeds with different task orders are averaged by
+    stream position; --metric picks the headline."""
+    sweep_dir = tmp_path / "sweep"
+    for seed, order in ((0, TASKS), (1, TASKS[::-1])):
+        fake_run(sweep_dir / "runs" / f"padim-replay-buffer_size50-seed{seed}", method="padim", strategy="replay",
+                 seed=seed, buffer_size=50, tasks=order)
+    report = build_report(sweep_dir, metric="pixel_aupro")  # no sweep.yaml: every runs/* folder
+    assert len(report.summary) == 1 and report.summary.loc[0, "n_seeds"] == 2
+    names = {p.name for p in report.files}
+    assert {"acc_vs_replay_pixel_aupro.png", "fm_vs_replay_pixel_aupro.png", "memory_vs_replay.png",
+            "heatmap_pixel_aupro_padim-replay-buffer50.png"} <= names
+    assert report.markdown.index("## pixel_aupro (headline)") < report.markdown.index("## pixel_auroc")
+    with pytest.raises(ValueError, match="'nope' is not in the runs' summaries"):
+        build_report(sweep_dir, metric="nope")
+
+
+def test_other_grid_keys_become_columns_and_groups(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    entries = []
+    for n_features in (8, 16):
+        for seed in (0, 1):
+            name = f"padim-sequential-n_features{n_features}-seed{seed}"
+            fake_run(sweep_dir / "runs" / name, method="padim", strategy="sequential", seed=seed, n_features=n_features)
+            entries.append({"name": name, "run_dir": f"runs/{name}"})
+    grid = {"method_params.n_features": [8, 16], "seed": [0, 1]}
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump({"name": "nf", "grid": grid, "cells": entries}))
+    report = build_report(sweep_dir)
+    summary = report.summary
+    assert list(summary["method_params.n_features"]) == [8, 16] and list(summary.n_seeds) == [2, 2]
+    assert "method_params.n_features" in pd.read_csv(sweep_dir / "report" / "runs.csv").columns
+    assert "| method | strategy   | buffer | method_params.n_features | seeds |" in report.markdown
+    assert {"heatmap_pixel_auroc_padim-sequential-n_features8.png", "heatmap_pixel_auroc_padim-sequential-n_features16.png"} \
+        <= {p.name for p in report.files}
+
+
+def test_report_cli(tmp_path: Path, capsys) -> None:
+    sweep_dir = fake_sweep(tmp_path, buffers=(10,), methods=("padim",), seeds=(0,))
+    parser = argparse.ArgumentParser(prog="clbench")
+    add_report_parser(parser.add_subparsers())
+    args = parser.parse_args(["report", str(sweep_dir), "--metric", "image_auroc"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "## image_auroc (headline)" in out and "warning: " in out and "wrote " in out
+    assert (sweep_dir / "report" / "plots" / "acc_vs_replay_image_auroc.png").is_file()
+
+
+def test_markdown_table_pads_columns() -> None:
+    table = markdown_table(["a", "bb"], [["xyz", "1"], ["q", "22"]], [False, True])
+    assert table.splitlines() == ["| a   | bb |", "| --- | -: |", "| xyz |  1 |", "| q   | 22 |"]
