@@ -1,0 +1,269 @@
+"""CFA, continual: coupled-hypersphere feature adaptation with an averaged memory bank (seed 003,
+section 1.3, Algorithm 3; Lee et al. 2022).
+
+Features: a frozen backbone (default Wide-ResNet50-2, layers 1-3: 256 + 512 + 1024 = 1792 dims on a
+56x56 grid at 224 px) through the run's shared feature cache. The trainable *patch descriptor* (CFA's
+``Descriptor``): every layer 3x3 average-pooled (stride 1), upsampled (bilinear) to the first layer's
+grid and concatenated; CoordConv (two channels of normalised x / y coordinates in [-1, 1]) and a 1x1
+convolution to ``dims // gamma_d`` channels.
+
+Memory bank C: one memorised feature per patch position, (P, d) with P = h*w of the first grid
+(gamma_c = 1, no k-means compression: the paper's setting). Continual update (Algorithm 3): before
+training on step i (0-based), the step's bank C_i is the mean of the descriptor's output over the
+step's *current* good training images (CFA's ``_init_centroid``, at the current descriptor), and
+
+    C <- C * i / (i + 1) + C_i / (i + 1).
+
+C_i is an exact per-image mean (batch means merged with their sizes; CFA averages batch means,
+identical when all batches are full). Under replay, the B+B batches' replayed images are left out of
+C_i (a replayed image's key names its own category), so C_i models task i alone; joint learns one
+bank of all tasks at step 0.
+
+Loss (soft boundary, seed 003 L_CFA; CFA's ``_soft_boundary``), with D the *squared* Euclidean
+distance of a descriptor feature to memorised features, sorted increasingly:
+
+    L = 1/nu * ( mean_{t, k<=K} max(0, D_k - r^2) + mean_{t, j<=J} max(0, r^2 - D_{K+j} - alpha) )
+
+K = J = 3, alpha = 0.1, 1/nu = 1000 (CFA's nu = 1e-3; anomalib's "* 1000"). The radius r is a
+*learnable* parameter initialised at 1e-5 (CFA's ``nn.Parameter``, trained with the descriptor; in
+anomalib it is a constant tensor the optimiser never sees); ``learn_radius=False`` freezes it.
+Optimiser: AdamW, lr 1e-3, weight decay 5e-4, amsgrad (CFA and anomalib), fresh per task, descriptor
+and r carried over. 30 epochs, batch 4 (+4 replay) as seed 003; early stopping on the CFA loss of the
+held-out *good training* images (never the test set), patience 10, best weights restored.
+
+Score (CFA / anomalib ``compute_score``): Euclidean distances d_1 <= ... <= d_K to the K nearest
+memorised features, score = softmin(d_1..d_K)[0] * d_1 per patch; upsampled (bilinear) to the input
+size, Gaussian-smoothed (sigma 4); image score = max of the map. Nearest neighbours are computed with
+an exact torch matmul (the loss needs gradients through them, and the bank has only P rows).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clbench.backbones import feature_info
+from clbench.data import Batch
+from clbench.maps import finite_or_raise, gaussian_blur, upsample
+from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
+
+
+class PatchDescriptor(nn.Module):
+    """CFA's descriptor: pooled, upsampled, concatenated layers -> CoordConv 1x1 conv."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels + 2, out_channels, kernel_size=1)
+
+    @staticmethod
+    def patch_features(features: list[torch.Tensor]) -> torch.Tensor:
+        grid = features[0].shape[-2:]
+        parts = []
+        for level in features:
+            level = F.avg_pool2d(level, 3, 1, 1)
+            if level.shape[-2:] != grid:
+                level = F.interpolate(level, size=grid, mode="bilinear", align_corners=False)
+            parts.append(level)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def add_coords(x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+        return torch.cat([x, ys, xs], dim=1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.conv(self.add_coords(self.patch_features(features)))
+
+
+def squared_distances(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """(B, P, d) x (M, d) -> (B, P, M) squared Euclidean distances (CFA's matmul expansion)."""
+    f2 = features.pow(2).sum(-1, keepdim=True)
+    c2 = bank.pow(2).sum(-1)
+    return f2 + c2 - 2 * features @ bank.t()
+
+
+def cfa_loss(distances: torch.Tensor, radius: torch.Tensor, k: int, j: int, alpha: float, nu: float) -> torch.Tensor:
+    """Soft-boundary loss on squared distances (B, P, M): attraction of the K nearest memorised
+    features beyond r, repulsion of the next J within r (margin alpha); scaled by 1/nu."""
+    nearest = distances.topk(k + j, dim=-1, largest=False).values
+    r2 = radius.pow(2)
+    attraction = (nearest[..., :k] - r2).clamp_min(0).mean()
+    repulsion = (r2 - nearest[..., k:] - alpha).clamp_min(0).mean() if j > 0 else nearest.new_zeros(())
+    return (attraction + repulsion) / nu
+
+
+def softmin_score(distances: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, P, M) squared distances -> (B, P): softmin over the K nearest Euclidean distances,
+    weight of the nearest times the nearest distance (CFA's test score)."""
+    nearest = distances.clamp_min(0).sqrt().topk(k, dim=-1, largest=False).values
+    return F.softmin(nearest, dim=-1)[..., 0] * nearest[..., 0]
+
+
+@METHODS.register("cfa")
+class CFA(AnomalyMethod):
+    hyperparameters = {
+        "backbone": "wide_resnet50_2",
+        "layers": ["layer1", "layer2", "layer3"],
+        "gamma_d": 1,  # descriptor output dims = input dims // gamma_d (CFA paper / anomalib default 1)
+        "k": 3,  # nearest memorised features attracted (and used for the score)
+        "j": 3,  # hard negatives repelled (the (K+1)..(K+J)-th nearest)
+        "alpha": 0.1,
+        "nu": 1e-3,
+        "radius": 1e-5,
+        "learn_radius": True,
+        "epochs": 30,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "weight_decay": 5e-4,
+        "patience": 10,  # None: no early stopping
+        "sigma": 4.0,
+    }
+
+    def __init__(self, context: MethodContext, **params: Any) -> None:
+        super().__init__(context, **params)
+        p = self.params
+        self.backbone = context.backbones.get(p["backbone"], p["layers"])
+        in_dims = sum(self.backbone.channels)
+        if not (isinstance(p["gamma_d"], int) and 1 <= p["gamma_d"] <= in_dims):
+            raise ValueError(f"method_params: gamma_d must be an integer in 1..{in_dims}, got {p['gamma_d']!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(context.seed)
+            self.descriptor = PatchDescriptor(in_dims, in_dims // p["gamma_d"])
+        self.radius = nn.Parameter(torch.full((1,), float(p["radius"])), requires_grad=bool(p["learn_radius"]))
+        self.register_buffer("memory_bank", torch.empty(0))  # (P, d), the method's state
+        self.register_buffer("n_tasks", torch.zeros((), dtype=torch.long))
+
+    def frozen_backbones(self):
+        return [self.backbone]
+
+    # -- features ------------------------------------------------------------------------------
+    def describe(self, batch: Batch) -> torch.Tensor:
+        """(B, P, d) descriptor features of a batch."""
+        out = self.descriptor(self.backbone.features(batch))
+        self._grid = tuple(out.shape[-2:])
+        return out.flatten(2).transpose(1, 2)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        p = self.params
+        distances = squared_distances(self.describe(batch), self.memory_bank)
+        return cfa_loss(distances, self.radius, p["k"], p["j"], p["alpha"], p["nu"])
+
+    # -- memory bank (Algorithm 3) ----------------------------------------------------------------
+    @torch.no_grad()
+    def task_bank(self, data: TaskData) -> torch.Tensor:
+        """Mean descriptor feature per patch position over the step's own training images."""
+        tasks = set(data.task_names)
+        total, count = None, 0
+        for batch in data.train.batches(self.params["batch_size"]):
+            rows = [i for i, key in enumerate(batch.keys) if key.split("/", 1)[0] in tasks]
+            if len(rows) < len(batch):  # drop replayed images (keys name their category)
+                if not rows:
+                    continue
+                batch = Batch(batch.pixels[rows], [batch.keys[i] for i in rows], batch.labels[rows], batch.masks[rows])
+            features = self.describe(batch)
+            total = features.sum(0) if total is None else total + features.sum(0)
+            count += len(batch)
+        if total is None:
+            raise ValueError(f"CFA: no training images for tasks {data.task_names}")
+        return total / count
+
+    @torch.no_grad()
+    def update_bank(self, bank_t: torch.Tensor) -> None:
+        needed = self.params["k"] + self.params["j"]
+        if bank_t.shape[0] < needed:
+            raise ValueError(f"CFA: the bank has {bank_t.shape[0]} patch positions, k + j = {needed} needed (larger images)")
+        i = int(self.n_tasks.item())
+        self.memory_bank = bank_t.clone() if i == 0 else self.memory_bank * (i / (i + 1)) + bank_t / (i + 1)
+        self.n_tasks.fill_(i + 1)
+
+    # -- learning ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _validation_loss(self, data: TaskData) -> float:
+        total, count = 0.0, 0
+        for batch in data.val.batches(self.params["batch_size"]):
+            total += float(self._loss(batch)) * len(batch)
+            count += len(batch)
+        return total / count
+
+    def fit_task(self, data: TaskData) -> None:
+        p = self.params
+        self.descriptor.eval()
+        self.update_bank(self.task_bank(data))
+        trainable = [q for q in self.parameters() if q.requires_grad]
+        optimiser = torch.optim.AdamW(trainable, lr=p["lr"], weight_decay=p["weight_decay"], amsgrad=True)
+        epochs = self.num_epochs(p["epochs"])
+        use_val = p["patience"] is not None and len(data.val) > 0
+        best_loss, best_state, best_epoch, stale = math.inf, None, -1, 0
+        first_loss = last_loss = math.nan
+        epoch = -1
+        for epoch in range(epochs):
+            self.descriptor.train()
+            total, count = 0.0, 0
+            for batch in data.train.batches(p["batch_size"], shuffle=True, seed=data.seed * 1000 + epoch):
+                loss = self._loss(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"CFA: non-finite training loss at epoch {epoch} of {data.task_names}")
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += loss.item() * len(batch)
+                count += len(batch)
+            last_loss = total / count
+            first_loss = last_loss if epoch == 0 else first_loss
+            if not use_val:
+                continue
+            self.descriptor.eval()
+            val_loss = self._validation_loss(data)
+            if val_loss < best_loss:
+                best_loss, best_epoch, stale = val_loss, epoch, 0
+                best_state = {"descriptor": copy.deepcopy(self.descriptor.state_dict()), "radius": self.radius.detach().clone()}
+            else:
+                stale += 1
+                if stale >= p["patience"]:
+                    break
+        if best_state is not None:
+            self.descriptor.load_state_dict(best_state["descriptor"])
+            with torch.no_grad():
+                self.radius.copy_(best_state["radius"])
+        self.descriptor.eval()
+        self.fit_info = {
+            "epochs_run": epoch + 1, "epochs_max": epochs, "best_epoch": best_epoch,
+            "train_loss_first": first_loss, "train_loss_last": last_loss, "val_loss_best": best_loss,
+            "radius": float(self.radius.detach()), "bank_tasks": int(self.n_tasks.item()),
+        }
+
+    # -- scoring -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Prediction:
+        if self.memory_bank.numel() == 0:
+            raise RuntimeError("CFA.predict called before any task was learned")
+        self.descriptor.eval()
+        features = self.describe(batch)
+        score = softmin_score(squared_distances(features, self.memory_bank), self.params["k"])
+        maps = score.reshape(len(batch), *self._grid)
+        maps = gaussian_blur(upsample(maps, self.context.image_size), self.params["sigma"])
+        maps = finite_or_raise(maps, "CFA").float().cpu()
+        return Prediction(maps=maps, scores=maps.flatten(1).amax(dim=1))
+
+    # -- analytic memory ----------------------------------------------------------------------
+    @classmethod
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
+        """fp32 memory bank (P, d): seed 003's 56 x 56 x 1792 x 4 B = 22,478,848 B for WRN50-2 at
+        224 px (gamma_d = 1). The descriptor (CoordConv 1x1: (D + 2) * d + d weights) and the radius
+        are trainable parameters, listed separately (not method state)."""
+        p = cls.resolve_params(params)
+        channels, reductions = feature_info(p["backbone"], p["layers"])
+        dims_in = sum(channels)
+        d = dims_in // p["gamma_d"]
+        side = -(-image_size // reductions[0])
+        return {
+            "method_state/memory_bank": side * side * d * 4,
+            "model_trainable/descriptor": ((dims_in + 2) * d + d) * 4,
+            "model_trainable/radius": 4,
+        }
