@@ -1,0 +1,181 @@
+"""FastFlow and CAINNFlow: invertible stages with the right log-determinant, the NLL and map formulas,
+CBAM pieces, short trainings that lower the loss, state round trips, and runs under each strategy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from clbench.backbones import BackbonePool
+from clbench.config import RunConfig
+from clbench.data import ImageStore, SampleSet, load_category
+from clbench.runner import run_experiment
+from methods.base import MethodContext, TaskData
+from methods.cainnflow import CBAM, VARIANTS, CAINNFlow, ChannelAttention, SpatialAttention
+from methods.fastflow import FastFlow
+from methods.flows import flow_loss, likelihood_maps, nll_per_dim
+
+# (class, params) of every flow configuration: FastFlow and each CAINNFlow variant
+CONFIGS = [(FastFlow, {})] + [(CAINNFlow, {"variant": v}) for v in VARIANTS]
+IDS = ["fastflow"] + [f"cainnflow-{v}" for v in VARIANTS]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions: one intra-op thread is as fast, and immune to OpenMP oversubscription
+    (several times slower with 2 threads on a shared 2-core machine). Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(cls, max_epochs: int = 2, seed: int = 0, **params):
+    pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=1 << 30, spill_dir=None)
+    context = MethodContext(pool, torch.device("cpu"), image_size=64, seed=seed, progress=False, max_epochs=max_epochs)
+    return cls(context, **params)
+
+
+def stage(cls, params: dict, dims: tuple[int, int, int], steps: int = 2):
+    """One flow stage of a method, built as the method builds it (seeded)."""
+    p = cls.resolve_params({**params, "flow_steps": steps})
+    return cls.build_flows(p, [dims], seed=0)[0]
+
+
+def randomize_affine(flow) -> None:
+    """Move the global affine (ActNorm) off its identity-like init so the check is not trivial."""
+    with torch.no_grad():
+        for name, param in flow.named_parameters():
+            if name.endswith("global_scale") or name.endswith("global_offset"):
+                param.add_(0.3 * torch.randn_like(param))
+
+
+@pytest.mark.parametrize("cls, params", CONFIGS, ids=IDS)
+def test_stage_inverse_reconstructs_input(cls, params) -> None:
+    flow = stage(cls, params, (8, 6, 6), steps=4)
+    randomize_affine(flow)
+    x = torch.randn(3, 8, 6, 6)
+    with torch.no_grad():
+        z, log_jac = flow(x)
+        x_back, log_jac_rev = flow(z, rev=True)
+    assert z.shape == x.shape and log_jac.shape == (3,)
+    assert (x_back - x).abs().max().item() < 1e-4
+    assert torch.allclose(log_jac, -log_jac_rev, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls, params", CONFIGS, ids=IDS)
+def test_log_det_matches_brute_force_jacobian(cls, params) -> None:
+    flow = stage(cls, params, (2, 2, 2), steps=3).double()
+    randomize_affine(flow)
+    x = torch.randn(1, 2, 2, 2, dtype=torch.float64)
+    _, log_jac = flow(x)
+    jacobian = torch.autograd.functional.jacobian(lambda v: flow(v.view(1, 2, 2, 2))[0].flatten(), x.flatten())
+    sign, brute = torch.linalg.slogdet(jacobian)
+    assert sign.item() != 0
+    assert log_jac.item() == pytest.approx(brute.item(), abs=1e-8)
+
+
+def test_nll_loss_and_map_follow_their_formulas() -> None:
+    z = [torch.randn(2, 4, 3, 3), torch.randn(2, 6, 2, 2)]
+    jac = [torch.randn(2), torch.randn(2)]
+    expected = []
+    for zl, jl in zip(z, jac):
+        per_image = (0.5 * (zl**2).sum(dim=(1, 2, 3)) - jl) / zl[0].numel()
+        assert torch.allclose(nll_per_dim(zl, jl), per_image)
+        expected.append(per_image.mean())
+    assert float(flow_loss(z, jac)) == pytest.approx(float(sum(expected) / 2), rel=1e-6)
+    maps = likelihood_maps(z, 12)
+    assert maps.shape == (2, 12, 12) and (maps <= 0).all() and (maps >= -1).all()
+    # a level with z == 0 everywhere is maximally likely: -exp(0) = -1
+    assert torch.allclose(likelihood_maps([torch.zeros(1, 3, 4, 4)], 8), -torch.ones(1, 8, 8))
+
+
+def test_cbam_pieces() -> None:
+    x = torch.randn(2, 20, 5, 7)
+    channel = ChannelAttention(20, reduction=16)
+    gates = channel(x)
+    assert gates.shape == (2, 20, 1, 1) and (gates > 0).all() and (gates < 1).all()
+    assert channel.mlp[0].out_channels == 1  # 20 // 16 hidden unit(s), at least 1
+    assert ChannelAttention(3, reduction=16).mlp[0].out_channels == 1
+    spatial = SpatialAttention()(x)
+    assert spatial.shape == (2, 1, 5, 7) and (spatial > 0).all() and (spatial < 1).all()
+    assert CBAM(20)(x).shape == x.shape
+
+
+def test_variants_and_their_parameters() -> None:
+    def attention_modules(variant: str, kind: type) -> int:
+        flow = stage(CAINNFlow, {"variant": variant}, (8, 4, 4))
+        return sum(isinstance(m, kind) for m in flow.modules())
+
+    assert all(attention_modules("CC", kind) == 0 for kind in (CBAM, ChannelAttention, SpatialAttention))
+    assert all(attention_modules(v, CBAM) == 2 for v in ("CAC", "CA", "AC"))  # one CBAM per block, 2 blocks
+    cc = stage(CAINNFlow, {"variant": "CC"}, (8, 4, 4))
+    fastflow_3x3 = stage(FastFlow, {"conv3x3_only": True}, (8, 4, 4))
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(cc) == count(fastflow_3x3)  # CC is FastFlow's 3x3 subnet
+    with pytest.raises(ValueError, match="'XYZ'"):
+        make(CAINNFlow, variant="XYZ")
+    assert make(CAINNFlow, variant="cac").params["flow_steps"] == 2  # the paper's "step2"
+
+
+@pytest.mark.parametrize("cls", [FastFlow, CAINNFlow], ids=["fastflow", "cainnflow"])
+def test_short_training_lowers_loss_and_gives_finite_maps(synthetic_root: Path, cls) -> None:
+    name = sorted(p.name for p in synthetic_root.iterdir())[0]
+    category = load_category(synthetic_root, name, val_fraction=0.2)
+    store = ImageStore(64)
+    model = make(cls, max_epochs=3, batch_size=4)
+    model.fit_task(TaskData(0, (name,), SampleSet(category.train, store), SampleSet(category.val, store)))
+    info = model.fit_info
+    assert info["epochs_run"] == 3 and info["best_epoch"] == -1  # no early stopping by default
+    assert torch.isfinite(torch.tensor([info["train_loss_first"], info["train_loss_last"], info["val_loss_last"]])).all()
+    assert info["train_loss_last"] < info["train_loss_first"]
+    prediction = model.predict(next(SampleSet(category.test, store).batches(5)))
+    assert prediction.maps.shape == (5, 64, 64) and torch.isfinite(prediction.maps).all()
+    assert torch.equal(prediction.scores, prediction.maps.flatten(1).amax(1))
+    assert model.frozen_backbones()[0].images_forwarded == len(category.train) + len(category.val) + 5
+
+
+def test_early_stopping_reads_held_out_images_and_restores_best(synthetic_root: Path) -> None:
+    name = sorted(p.name for p in synthetic_root.iterdir())[1]
+    category = load_category(synthetic_root, name, val_fraction=0.2)
+    store = ImageStore(64)
+    model = make(CAINNFlow, max_epochs=3, batch_size=8, patience=1, variant="AC")
+    val = SampleSet(category.val, store)
+    model.fit_task(TaskData(0, (name,), SampleSet(category.train, store), val))
+    info = model.fit_info
+    assert 0 <= info["best_epoch"] < info["epochs_run"] <= 3
+    assert info["val_loss_last"] == pytest.approx(info["val_loss_best"], rel=1e-5)  # best weights restored
+
+
+@pytest.mark.parametrize("cls", [FastFlow, CAINNFlow], ids=["fastflow", "cainnflow"])
+def test_state_round_trip_gives_identical_predictions(synthetic_root: Path, cls) -> None:
+    name = sorted(p.name for p in synthetic_root.iterdir())[2]
+    category = load_category(synthetic_root, name)
+    store = ImageStore(64)
+    model = make(cls, max_epochs=1, batch_size=8)
+    model.fit_task(TaskData(0, (name,), SampleSet(category.train, store), SampleSet((), store)))
+    batch = next(SampleSet(category.test, store).batches(4))
+    fresh = make(cls, max_epochs=1, seed=1, batch_size=8)  # other init and permutations
+    assert not torch.equal(fresh.predict(batch).maps, model.predict(batch).maps)
+    fresh.load_method_state(model.state_dict())
+    before, after = model.predict(batch), fresh.predict(batch)
+    assert torch.equal(before.maps, after.maps) and torch.equal(before.scores, after.scores)
+
+
+@pytest.mark.parametrize("method", ["fastflow", "cainnflow"])
+@pytest.mark.parametrize("strategy, params", [("sequential", {}), ("replay", {"buffer_size": 4}), ("joint", {})])
+def test_flows_under_each_strategy(synthetic_root: Path, tmp_path: Path, method: str, strategy: str, params: dict) -> None:
+    config = RunConfig(method=method, strategy=strategy, strategy_params=params, data_root=str(synthetic_root),
+                       synthetic=False, tasks=2, image_size=64, weights="none", output_dir=str(tmp_path),
+                       device="cpu", max_epochs=1)
+    run_dir = run_experiment(config, progress=False)
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
+    training = pd.read_csv(run_dir / "training.csv")
+    assert set(training.key) >= {"epochs_run", "train_loss_first", "train_loss_last"}
+    assert training[training.key == "epochs_run"].value.eq(1).all()
+    memory = pd.read_csv(run_dir / "memory.csv")
+    assert (memory[memory.component == "model_trainable"].bytes > 0).all()
+    assert (memory[memory.component == "model_frozen"].bytes > 0).all()  # the backbone (and permutations)
