@@ -20,15 +20,6 @@ from methods.cfa import CFA, cfa_loss, softmin_score, squared_distances
 SMALL = {"backbone": "resnet18", "batch_size": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on 2 shared cores run several times faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_cfa(image_size: int = 32, max_epochs: int = 2, **params) -> CFA:
     pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=1 << 30, spill_dir=None)
     context = MethodContext(pool, torch.device("cpu"), image_size=image_size, seed=0, progress=False, max_epochs=max_epochs)

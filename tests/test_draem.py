@@ -24,15 +24,6 @@ from methods.perlin import AnomalySource, default_max_scale, perlin_mask, proced
 SMALL = {"base_width": 4, "disc_base_width": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions on 2 shared cores run ~10x faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_draem(image_size: int = 32, max_epochs: int = 2, **params) -> DRAEM:
     pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=0, spill_dir=None)
     context = MethodContext(pool, torch.device("cpu"), image_size=image_size, seed=0, progress=False, max_epochs=max_epochs)

@@ -22,16 +22,6 @@ CONFIGS = [(FastFlow, {})] + [(CAINNFlow, {"variant": v}) for v in VARIANTS]
 IDS = ["fastflow"] + [f"cainnflow-{v}" for v in VARIANTS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: one intra-op thread is as fast, and immune to OpenMP oversubscription
-    (several times slower with 2 threads on a shared 2-core machine). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(cls, max_epochs: int = 2, seed: int = 0, **params):
     pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=1 << 30, spill_dir=None)
     context = MethodContext(pool, torch.device("cpu"), image_size=64, seed=seed, progress=False, max_epochs=max_epochs)
