@@ -93,7 +93,7 @@ def test_existing_run_needs_resume_or_overwrite(synthetic_root: Path, tmp_path: 
 
 
 def _cli(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # two runs share 2 cores
     return subprocess.Popen([sys.executable, "-m", "clbench", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
