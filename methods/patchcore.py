@@ -1,0 +1,232 @@
+"""PatchCore, continual: one coreset memory bank per task under one total budget (seed 003, 1.2).
+
+Embedding (PatchCore's locally aware patch features): frozen backbone layers (WRN50-2: layer2,
+layer3), each averaged over its 3x3 neighbourhood (``avg_pool2d(3, stride 1, padding 1)``, zero
+padding counted, as anomalib's ``AvgPool2d(3, 1, 1)``), deeper layers upsampled (bilinear) to the
+first layer's grid and concatenated: 512 + 1024 = 1536 dims on a 28x28 grid at 224 px.
+
+Memory (seed 003, Algorithm 2). One budget of patches (30000). When task i+1 arrives with i tasks
+learned, every stored bank is re-subsampled to ``budget // (i+1)`` and the new task's patches are
+subsampled to the same size (greedy k-center coreset on a JL sparse random projection, eps 0.9,
+see ``clbench.coreset``); a bank already smaller than its target is kept whole, so the total never
+exceeds the budget. A joint step (several tasks at once) makes one bank with the whole budget.
+Banks live in one concatenated ``memory_bank`` (M, D) float32 buffer with ``bank_sizes`` (n,) and
+``bank_tasks`` (n,) (how many tasks each bank was learned from) int64 buffers, so ``state_dict``
+carries them; the faiss indexes are derived caches rebuilt from the buffers.
+
+Scoring (seed 003, 1.2.4). Each test patch's Euclidean distance to its nearest neighbour in every
+bank (faiss ``IndexFlatL2``, exact; all patches of a batch in one search per bank); the bank with
+the lowest mean patch distance is the image's task (``extras["task_index"]``, only when every
+bank holds one task; after a joint step the single bank says nothing about the task). The pixel
+map is the selected bank's distance map, upsampled (bilinear) to the input and Gaussian-smoothed
+(sigma 4). Image score: PatchCore eq. 7 as anomalib computes it,
+
+    s* = max_p dist(m_test_p, M),   m* = nearest bank patch of that m_test*,
+    w  = 1 - exp(||m_test* - m*||) / sum_{m in N_b(m*)} exp(||m_test* - m||),   score = w * s*
+
+with N_b(m*) the ``num_neighbors`` (3, seed 003) nearest bank patches of m*, m* itself included
+(its own first neighbour). Choices: the support distances are computed exactly (difference
+norms) rather than through the BLAS expansion; with ``num_neighbors == 1`` the score is s*
+(anomalib's shortcut).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from clbench.backbones import feature_info
+from clbench.coreset import coreset_indices
+from clbench.data import Batch
+from clbench.knn import FlatL2Index
+from clbench.maps import finite_or_raise, gaussian_blur, upsample
+from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
+
+
+def patch_embedding(features: list[torch.Tensor], pool: int = 3) -> torch.Tensor:
+    """(B, P, D): locally aggregated layers on the first layer's grid, concatenated, row-major."""
+    grid = features[0].shape[-2:]
+    parts = []
+    for level in features:
+        if pool > 1:
+            level = F.avg_pool2d(level, pool, stride=1, padding=pool // 2)
+        if level.shape[-2:] != grid:
+            level = F.interpolate(level, size=grid, mode="bilinear", align_corners=False)
+        parts.append(level)
+    return torch.cat(parts, dim=1).flatten(2).transpose(1, 2).contiguous()
+
+
+def bank_targets(sizes: list[int], new_size: int, budget: int) -> list[int]:
+    """Algorithm 2: sizes of the old banks and of the new one once a task is added."""
+    per_task = budget // (len(sizes) + 1)
+    if per_task < 1:
+        raise ValueError(f"PatchCore: budget {budget} is smaller than the number of tasks ({len(sizes) + 1})")
+    return [min(size, per_task) for size in sizes + [new_size]]
+
+
+def reweighted_score(
+    test_patch: torch.Tensor, support: torch.Tensor, max_distance: torch.Tensor
+) -> torch.Tensor:
+    """PatchCore eq. 7 for a batch: ``(1 - softmax(||m_test* - support||)[0]) * s*``.
+
+    test_patch (B, D): m_test*; support (B, k, D): m* first, then its other neighbours in the bank;
+    max_distance (B,): s*. Softmax instead of raw exponentials: same ratio, no overflow.
+    """
+    distances = torch.linalg.vector_norm(support - test_patch.unsqueeze(1), dim=-1)  # (B, k)
+    weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
+    return weights * max_distance
+
+
+def neighbourhood(index: FlatL2Index, bank: torch.Tensor, centre: torch.Tensor, k: int) -> torch.Tensor:
+    """(b, k) bank indices N_b(m*): each ``centre`` first, then its k-1 nearest *other* bank rows.
+
+    m* is its own nearest neighbour in exact arithmetic, but faiss's float32 expansion may rank a
+    near-duplicate row first; putting m* first explicitly keeps the support what eq. 7 means.
+    """
+    _, found = index.search(bank[centre], k)  # (b, k), usually found[:, 0] == centre
+    others = torch.sort((found == centre.unsqueeze(1)).to(torch.int8), dim=1, stable=True).indices[:, : k - 1]
+    return torch.cat([centre.unsqueeze(1), found.gather(1, others)], dim=1)
+
+
+def derived_seed(seed: int, bank: int) -> int:
+    """Distinct, reproducible coreset seed per (step seed, bank)."""
+    return (seed * 1_000_003 + bank) % (1 << 62)
+
+
+@METHODS.register("patchcore")
+class PatchCore(AnomalyMethod):
+    hyperparameters = {
+        "backbone": "wide_resnet50_2",
+        "layers": ["layer2", "layer3"],
+        "budget": 30000,  # patches in memory over all tasks (seed 003)
+        "num_neighbors": 3,  # N_b(m*) of the score reweighting (seed 003: "3 nearest memorized neighbors")
+        "projection_eps": 0.9,  # JL distortion of the coreset's random projection; None: no projection
+        "sigma": 4.0,
+        "batch_size": 32,
+    }
+
+    def __init__(self, context: MethodContext, **params: Any) -> None:
+        super().__init__(context, **params)
+        p = self.params
+        if not isinstance(p["budget"], int) or p["budget"] < 1:
+            raise ValueError(f"method_params: budget must be a positive integer, got {p['budget']!r}")
+        if not isinstance(p["num_neighbors"], int) or p["num_neighbors"] < 1:
+            raise ValueError(f"method_params: num_neighbors must be a positive integer, got {p['num_neighbors']!r}")
+        self.backbone = context.backbones.get(p["backbone"], p["layers"])
+        dim = sum(self.backbone.channels)
+        self.register_buffer("memory_bank", torch.empty(0, dim))
+        self.register_buffer("bank_sizes", torch.empty(0, dtype=torch.long))
+        self.register_buffer("bank_tasks", torch.empty(0, dtype=torch.long))
+        self._indexes: list[FlatL2Index] = []
+
+    def frozen_backbones(self):
+        return [self.backbone]
+
+    # -- embedding -----------------------------------------------------------------------------
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """(B, P, D) patch features of a batch, from the shared backbone's feature cache."""
+        return patch_embedding(self.backbone.features(batch))
+
+    def banks(self) -> list[torch.Tensor]:
+        """Views (size_j, D) of the per-task banks inside ``memory_bank``."""
+        return list(self.memory_bank.split(self.bank_sizes.tolist())) if self.bank_sizes.numel() else []
+
+    # -- learning ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def task_patches(self, data: TaskData) -> torch.Tensor:
+        """(N, D) every patch of every training image of the step (replayed images included)."""
+        parts = [self.embed(batch).flatten(0, 1) for batch in data.train.batches(self.params["batch_size"])]
+        if not parts:
+            raise ValueError(f"PatchCore: no training images for tasks {data.task_names}")
+        return torch.cat(parts)
+
+    def subsample(self, features: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+        """Greedy k-center coreset of ``size`` rows (all rows when there are not more)."""
+        if size >= features.shape[0]:
+            return features
+        index = coreset_indices(features, size, eps=self.params["projection_eps"], seed=seed)
+        return features.index_select(0, index)
+
+    @torch.no_grad()
+    def fit_task(self, data: TaskData) -> None:
+        patches = self.task_patches(data).to(self.memory_bank.device)
+        old = self.banks()
+        targets = bank_targets([len(b) for b in old], patches.shape[0], self.params["budget"])
+        banks = [self.subsample(bank, size, derived_seed(data.seed, j)) for j, (bank, size) in enumerate(zip(old, targets))]
+        banks.append(self.subsample(patches, targets[-1], derived_seed(data.seed, len(old))))
+        del patches
+        device = self.memory_bank.device
+        self.memory_bank = torch.cat(banks).contiguous()
+        self.bank_sizes = torch.tensor([len(b) for b in banks], dtype=torch.long, device=device)
+        self.bank_tasks = torch.cat([self.bank_tasks, torch.tensor([len(data.task_names)], device=device)])
+        self.on_state_loaded()
+
+    def on_state_loaded(self) -> None:
+        """Rebuild the per-bank faiss indexes (derived from ``memory_bank``)."""
+        self._indexes = [FlatL2Index(bank) for bank in self.banks()]
+
+    def memory_components(self) -> dict[str, int]:
+        """The base accounting plus the faiss indexes' own copies of the banks as a cache."""
+        components = super().memory_components()
+        components["method_cache"] += sum(index.nbytes for index in self._indexes)
+        return components
+
+    # -- scoring -------------------------------------------------------------------------------
+    def search_banks(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest-neighbour distance and index of every query in every bank: (n_banks, Q) each."""
+        results = [index.search(queries, 1) for index in self._indexes]
+        distances = torch.stack([d[:, 0] for d, _ in results])
+        indices = torch.stack([i[:, 0] for _, i in results])
+        return distances, indices
+
+    def image_scores(
+        self, emb: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor, task: torch.Tensor
+    ) -> torch.Tensor:
+        """Eq. 7 per image against its selected bank; emb (B, P, D), distances/nearest (B, P)."""
+        rows = torch.arange(emb.shape[0], device=emb.device)
+        max_patch = distances.argmax(dim=1)
+        s_star = distances[rows, max_patch]
+        k = self.params["num_neighbors"]
+        if k == 1:
+            return s_star
+        test_patch = emb[rows, max_patch]  # (B, D) m_test*
+        m_star = nearest[rows, max_patch]  # (B,) index of m* in its bank
+        scores = torch.empty_like(s_star)
+        banks = self.banks()
+        for j in task.unique().tolist():
+            mine = task == j
+            bank, index = banks[j], self._indexes[j]
+            support = neighbourhood(index, bank, m_star[mine], min(k, len(bank)))
+            scores[mine] = reweighted_score(test_patch[mine], bank[support], s_star[mine])
+        return scores
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Prediction:
+        if not self._indexes:
+            raise RuntimeError("PatchCore.predict called before any task was learned")
+        emb = self.embed(batch).to(self.memory_bank.device)  # (B, P, D)
+        n_images, n_patches = emb.shape[:2]
+        distances, nearest = self.search_banks(emb.flatten(0, 1))
+        distances = distances.view(-1, n_images, n_patches)
+        nearest = nearest.view(-1, n_images, n_patches)
+        task = distances.mean(dim=2).argmin(dim=0)  # (B,) the bank with the lowest mean distance
+        rows = torch.arange(n_images, device=emb.device)
+        chosen, chosen_nearest = distances[task, rows], nearest[task, rows]  # (B, P)
+        scores = self.image_scores(emb, chosen, chosen_nearest, task)
+        side = int(round(n_patches**0.5))
+        maps = gaussian_blur(upsample(chosen.reshape(n_images, side, -1), self.context.image_size), self.params["sigma"])
+        maps = finite_or_raise(maps, "PatchCore").float().cpu()
+        extras = {"task_index": task.cpu()} if bool((self.bank_tasks == 1).all()) else {}
+        return Prediction(maps=maps, scores=scores.float().cpu(), extras=extras)
+
+    # -- analytic memory ----------------------------------------------------------------------
+    @classmethod
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
+        """fp32 banks: ``budget`` patches x D (sum of the layers' channels), whatever the image size
+        (seed 003: 30000 x 1536 x 4 B = 184.3 MB for WRN50-2). faiss keeps its own copy of the
+        banks for search: a derived cache of the same size, listed separately."""
+        p = cls.resolve_params(params)
+        channels, _ = feature_info(p["backbone"], p["layers"])
+        bank = int(p["budget"]) * sum(channels) * 4
+        return {"method_state/memory_bank": bank, "method_cache/knn_index": bank}
