@@ -38,8 +38,6 @@ an exact torch matmul (the loss needs gradients through them, and the bank has o
 """
 from __future__ import annotations
 
-import copy
-import math
 from typing import Any, Mapping
 
 import torch
@@ -50,6 +48,7 @@ from clbench.backbones import feature_info
 from clbench.data import Batch
 from clbench.maps import finite_or_raise, gaussian_blur, upsample
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
+from methods.training import fit_epochs
 
 
 class PatchDescriptor(nn.Module):
@@ -183,60 +182,17 @@ class CFA(AnomalyMethod):
         self.n_tasks.fill_(i + 1)
 
     # -- learning ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _validation_loss(self, data: TaskData) -> float:
-        total, count = 0.0, 0
-        for batch in data.val.batches(self.params["batch_size"]):
-            total += float(self._loss(batch)) * len(batch)
-            count += len(batch)
-        return total / count
-
     def fit_task(self, data: TaskData) -> None:
         p = self.params
         self.descriptor.eval()
         self.update_bank(self.task_bank(data))
         trainable = [q for q in self.parameters() if q.requires_grad]
         optimiser = torch.optim.AdamW(trainable, lr=p["lr"], weight_decay=p["weight_decay"], amsgrad=True)
-        epochs = self.num_epochs(p["epochs"])
-        use_val = p["patience"] is not None and len(data.val) > 0
-        best_loss, best_state, best_epoch, stale = math.inf, None, -1, 0
-        first_loss = last_loss = math.nan
-        epoch = -1
-        for epoch in range(epochs):
-            self.descriptor.train()
-            total, count = 0.0, 0
-            for batch in data.train.batches(p["batch_size"], shuffle=True, seed=data.seed * 1000 + epoch):
-                loss = self._loss(batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"CFA: non-finite training loss at epoch {epoch} of {data.task_names}")
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total += loss.item() * len(batch)
-                count += len(batch)
-            last_loss = total / count
-            first_loss = last_loss if epoch == 0 else first_loss
-            if not use_val:
-                continue
-            self.descriptor.eval()
-            val_loss = self._validation_loss(data)
-            if val_loss < best_loss:
-                best_loss, best_epoch, stale = val_loss, epoch, 0
-                best_state = {"descriptor": copy.deepcopy(self.descriptor.state_dict()), "radius": self.radius.detach().clone()}
-            else:
-                stale += 1
-                if stale >= p["patience"]:
-                    break
-        if best_state is not None:
-            self.descriptor.load_state_dict(best_state["descriptor"])
-            with torch.no_grad():
-                self.radius.copy_(best_state["radius"])
-        self.descriptor.eval()
-        self.fit_info = {
-            "epochs_run": epoch + 1, "epochs_max": epochs, "best_epoch": best_epoch,
-            "train_loss_first": first_loss, "train_loss_last": last_loss, "val_loss_best": best_loss,
-            "radius": float(self.radius.detach()), "bank_tasks": int(self.n_tasks.item()),
-        }
+        info = fit_epochs(
+            self, data, self._loss, optimiser,
+            epochs=self.num_epochs(p["epochs"]), batch_size=p["batch_size"], patience=p["patience"],
+        )
+        self.fit_info = info | {"radius": float(self.radius.detach()), "bank_tasks": int(self.n_tasks.item())}
 
     # -- scoring -------------------------------------------------------------------------------
     @torch.no_grad()

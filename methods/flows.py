@@ -35,9 +35,6 @@ resume gives identical predictions. The permutations are FrEIA ``nn.Parameter``s
 """
 from __future__ import annotations
 
-import copy
-import math
-import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -52,6 +49,7 @@ from clbench.backbones import feature_info
 from clbench.data import Batch
 from clbench.maps import finite_or_raise
 from methods.base import AnomalyMethod, MethodContext, Prediction, TaskData
+from methods.training import fit_epochs
 
 SubnetConstructor = Callable[[int, int], nn.Module]
 
@@ -221,74 +219,16 @@ class FlowMethod(AnomalyMethod):
     def loss(self, batch: Batch) -> torch.Tensor:
         return flow_loss(*self.flow_outputs(self.backbone.features(batch)))
 
-    @torch.no_grad()
-    def validation_loss(self, data: TaskData) -> float:
-        """Mean per-dimension NLL over the held-out good training images."""
-        self.eval()
-        total, count = 0.0, 0
-        for batch in data.val.batches(self.params["batch_size"]):
-            total += float(self.loss(batch)) * len(batch)
-            count += len(batch)
-        return total / count
-
-    def _learned_state(self) -> dict[str, torch.Tensor]:
-        return copy.deepcopy({k: v for k, v in self.state_dict().items()})
-
     # -- the interface -------------------------------------------------------------------------
     def fit_task(self, data: TaskData) -> None:
         """Fine-tune the flows on this step's stream (fresh Adam, weights carried over)."""
         p = self.params
         trainable = [q for q in self.parameters() if q.requires_grad]
         optimiser = torch.optim.Adam(trainable, lr=p["lr"], weight_decay=p["weight_decay"])
-        epochs = self.num_epochs(p["epochs"])
-        early_stopping = p["patience"] is not None and len(data.val) > 0
-        best_loss, best_state, best_epoch, stale = math.inf, None, -1, 0
-        first_loss = last_loss = math.nan
-        images, start = 0, time.perf_counter()
-        epoch = -1
-        for epoch in range(epochs):
-            self.train()
-            total, count = 0.0, 0
-            for batch in data.train.batches(p["batch_size"], shuffle=True, seed=data.seed * 1000 + epoch):
-                loss = self.loss(batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"{self.display_name}: non-finite training loss ({float(loss)}) at epoch {epoch} of "
-                        f"{', '.join(data.task_names)} (lr {p['lr']}; try a lower lr or clamp)"
-                    )
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total += loss.item() * len(batch)
-                count += len(batch)
-            images += count
-            last_loss = total / count
-            first_loss = last_loss if epoch == 0 else first_loss
-            if not early_stopping:
-                continue
-            val_loss = self.validation_loss(data)
-            if val_loss < best_loss:
-                best_loss, best_state, best_epoch, stale = val_loss, self._learned_state(), epoch, 0
-            else:
-                stale += 1
-                if stale >= p["patience"]:
-                    break
-        seconds = time.perf_counter() - start
-        if best_state is not None:
-            self.load_state_dict(best_state)
-        self.eval()
-        val_last = self.validation_loss(data) if len(data.val) else math.nan
-        self.fit_info = {
-            "epochs_run": epoch + 1,
-            "epochs_max": epochs,
-            "best_epoch": best_epoch,
-            "train_loss_first": first_loss,
-            "train_loss_last": last_loss,
-            "val_loss_best": best_loss if early_stopping else math.nan,
-            "val_loss_last": val_last,
-            "train_images": images,
-            "train_images_per_s": images / seconds if seconds > 0 else math.nan,
-        }
+        self.fit_info = fit_epochs(
+            self, data, self.loss, optimiser,
+            epochs=self.num_epochs(p["epochs"]), batch_size=p["batch_size"], patience=p["patience"],
+        )
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Prediction:

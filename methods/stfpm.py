@@ -17,8 +17,6 @@ L2-normalised features. Choices where papers are vague:
 """
 from __future__ import annotations
 
-import copy
-import math
 from typing import Any
 
 import torch
@@ -28,6 +26,7 @@ from clbench.backbones import trainable_feature_model
 from clbench.data import Batch
 from clbench.maps import finite_or_raise, upsample
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
+from methods.training import fit_epochs
 
 
 def layer_distances(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -69,52 +68,13 @@ class STFPM(AnomalyMethod):
         student = self.student(batch.normalized(self.context.device))
         return stfpm_loss(teacher, student)
 
-    @torch.no_grad()
-    def _validation_loss(self, data: TaskData) -> float:
-        self.student.eval()
-        total, count = 0.0, 0
-        for batch in data.val.batches(self.params["batch_size"]):
-            total += float(self._loss(batch))
-            count += len(batch)
-        return total / count
-
     def fit_task(self, data: TaskData) -> None:
         p = self.params
         optimiser = torch.optim.SGD(self.student.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
-        epochs = self.num_epochs(p["epochs"])
-        best_loss, best_state, best_epoch, stale = math.inf, None, -1, 0
-        first_loss = last_loss = math.nan
-        epoch = -1
-        for epoch in range(epochs):
-            self.student.train()
-            total, count = 0.0, 0
-            for batch in data.train.batches(p["batch_size"], shuffle=True, seed=data.seed * 1000 + epoch):
-                loss = self._loss(batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"STFPM: non-finite training loss at epoch {epoch} of {data.task_names}")
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total += loss.item() * len(batch)
-                count += len(batch)
-            last_loss = total / count
-            first_loss = last_loss if epoch == 0 else first_loss
-            if len(data.val) == 0:
-                continue
-            val_loss = self._validation_loss(data)
-            if val_loss < best_loss:
-                best_loss, best_state, best_epoch, stale = val_loss, copy.deepcopy(self.student.state_dict()), epoch, 0
-            else:
-                stale += 1
-                if stale >= p["patience"]:
-                    break
-        if best_state is not None:
-            self.student.load_state_dict(best_state)
-        self.student.eval()
-        self.fit_info = {
-            "epochs_run": epoch + 1, "epochs_max": epochs, "best_epoch": best_epoch,
-            "train_loss_first": first_loss, "train_loss_last": last_loss, "val_loss_best": best_loss,
-        }
+        self.fit_info = fit_epochs(
+            self, data, self._loss, optimiser,
+            epochs=self.num_epochs(p["epochs"]), batch_size=p["batch_size"], patience=p["patience"],
+        )
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Prediction:
