@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=cmd_plot)
 
     sub.add_parser("methods", help="list methods and strategies").set_defaults(func=cmd_methods)
+    from methods.pdn import add_distill_parser  # EfficientAD's offline teacher (imports torch)
+
+    add_distill_parser(sub)
     return parser
 
 

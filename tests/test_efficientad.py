@@ -1,0 +1,233 @@
+"""EfficientAD: hard-feature loss by hand, PDN/autoencoder shapes and seed 003's parameter counts,
+cached teacher distillation, a short training run (loss down, finite maps), map quantiles from the
+held-out good images only, state round trip, and runs under sequential, replay and joint.
+
+Kept fast (2 shared CPU cores): 64 px, a small synthetic dataset of its own (2 categories, 6
+training images each), a tiny teacher distilled once from resnet18 on 4 images, 1-2 epochs,
+4 penalty images."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from clbench.backbones import BackbonePool
+from clbench.config import RunConfig
+from clbench.data import ImageStore, SampleSet, load_category
+from clbench.runner import run_experiment
+from methods.base import MethodContext, TaskData
+from methods.efficientad import EfficientAD, hard_feature_loss
+from methods.pdn import (
+    AutoEncoder,
+    build_pdn,
+    count_parameters,
+    distill_teacher,
+    load_pdn_weights,
+    pdn_output_size,
+    provenance_path,
+)
+
+SIZE = 64
+FAST = {"penalty_images": 4, "backbone": "resnet18", "out_channels": 64}  # 64 teacher channels: 2x faster
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """Two synthetic categories: 6 good training images, 2 good + 1 per defect type for testing."""
+    from clbench.synth import generate
+
+    out = tmp_path_factory.mktemp("efficientad-data")
+    generate(out, categories=2, size=SIZE, seed=0, n_train=6, n_test_good=2, n_test_per_defect=1, workers=1)
+    return out
+
+
+def context(max_epochs: int = 2) -> MethodContext:
+    pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=1 << 30, spill_dir=None)
+    return MethodContext(pool, torch.device("cpu"), image_size=SIZE, seed=0, progress=False, max_epochs=max_epochs)
+
+
+def category(root: Path, val_fraction: float = 0.34):
+    name = sorted(p.name for p in root.iterdir())[0]
+    return name, load_category(root, name, val_fraction=val_fraction)
+
+
+class CountingSet(SampleSet):
+    """A SampleSet that counts the images it yields (which data a method reads, and how often)."""
+
+    def __init__(self, samples, store) -> None:
+        super().__init__(samples, store)
+        self.images_read = 0
+
+    def batches(self, *args, **kwargs):
+        for batch in super().batches(*args, **kwargs):
+            self.images_read += len(batch)
+            yield batch
+
+
+@pytest.fixture(scope="module")
+def teacher_file(root: Path, tmp_path_factory) -> Path:
+    """A tiny distilled teacher (resnet18 features, 4 images, 1 epoch), written once per module."""
+    _, cat = category(root)
+    store = ImageStore(SIZE)
+    pixels = torch.stack([store.image(s) for s in cat.train])
+    out = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    result = distill_teacher("resnet18", pixels, out, out_channels=64, weights="none", epochs=1, batch_size=4)
+    assert not result.reused
+    return out
+
+
+def test_hard_feature_loss_keeps_only_the_top_tenth_percent() -> None:
+    distances = torch.randperm(2000).float().view(2, 10, 10, 10) / 10  # distinct values 0.0 .. 199.9
+    distances.requires_grad_(True)
+    loss = hard_feature_loss(distances, 0.999)
+    # quantile 0.999 of 2000 values lies between the 3rd and 2nd largest: the two largest count
+    assert float(loss.detach()) == pytest.approx((199.9 + 199.8) / 2)
+    loss.backward()
+    assert int((distances.grad != 0).sum()) == 2
+    assert float(hard_feature_loss(torch.ones(1, 4, 3, 3))) == pytest.approx(1.0)  # ties: all count
+
+
+def test_networks_shapes_and_seed003_parameter_counts() -> None:
+    # seed 003: teacher 8.0M, student 11.6M, autoencoder 1.1M parameters: EfficientAD-M at 256 px
+    assert round(count_parameters(build_pdn("medium", 384)) / 1e6, 1) == 8.0
+    assert round(count_parameters(build_pdn("medium", 768)) / 1e6, 1) == 11.6
+    assert round(count_parameters(AutoEncoder(384, 256, pdn_output_size(256))) / 1e6, 1) == 1.1
+    for size, padding, side in ((256, False, 56), (256, True, 64), (64, False, 8), (64, True, 16)):
+        assert pdn_output_size(size, padding) == side
+        assert build_pdn("small", 8, padding)(torch.zeros(1, 3, size, size)).shape == (1, 8, side, side)
+    assert AutoEncoder(384, SIZE, 8)(torch.zeros(2, 3, SIZE, SIZE)).shape == (2, 384, 8, 8)
+
+
+def test_distillation_writes_weights_and_provenance_and_is_cached(teacher_file: Path, root: Path) -> None:
+    provenance = json.loads(provenance_path(teacher_file).read_text())
+    assert provenance["backbone"] == "resnet18" and provenance["pretrained"] is False
+    assert provenance["weights_source"] == "none" and provenance["num_images"] == 4
+    assert provenance["epochs"] == 1 and provenance["seed"] == 0 and provenance["model_size"] == "small"
+    assert load_pdn_weights(build_pdn("small", 64), teacher_file)["images_sha256"] == provenance["images_sha256"]
+    _, cat = category(root)
+    store = ImageStore(SIZE)
+    pixels = torch.stack([store.image(s) for s in cat.train])
+    mtime = teacher_file.stat().st_mtime_ns
+    again = distill_teacher("resnet18", pixels, teacher_file, out_channels=64, weights="none", epochs=1, batch_size=4)
+    assert again.reused and teacher_file.stat().st_mtime_ns == mtime  # loaded, not retrained
+    first = build_pdn("small", 64)
+    load_pdn_weights(first, teacher_file)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.model.state_dict().values()))
+    other = distill_teacher("resnet18", pixels[:2], None, cache_dir=teacher_file.parent / "cache",
+                            out_channels=64, weights="none", epochs=1, batch_size=4)
+    assert not other.reused and other.path.parent.name == "cache" and provenance_path(other.path).is_file()
+
+
+def test_distill_teacher_command(root: Path, tmp_path: Path, capsys) -> None:
+    import argparse
+
+    from methods.pdn import add_distill_parser
+
+    parser = argparse.ArgumentParser(prog="clbench")
+    add_distill_parser(parser.add_subparsers(dest="command"))
+    name, _ = category(root)
+    out = tmp_path / "teacher.pt"
+    argv = ["distill-teacher", "--backbone", "resnet18", "--images", str(root / name / "train" / "good"),
+            "--out", str(out), "--weights", "none", "--image-size", str(SIZE), "--epochs", "1",
+            "--out-channels", "64", "--max-images", "3", "--no-progress"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0 and out.is_file() and provenance_path(out).is_file()
+    assert json.loads(provenance_path(out).read_text())["num_images"] == 3
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0 and "reused" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def fitted(root: Path, tmp_path_factory):
+    """A model fitted for 2 epochs (batch 2) on 4 images, its teacher distilled automatically (cached in tmp)."""
+    name, cat = category(root)
+    store = ImageStore(SIZE)
+    val = CountingSet(cat.val, store)
+    train = CountingSet(cat.train, store)
+    params = dict(FAST, teacher_cache=str(tmp_path_factory.mktemp("cache")), distill_epochs=1, lr=1e-3, batch_size=2)
+    model = EfficientAD(context(max_epochs=2), **params)
+    model.fit_task(TaskData(0, (name,), train, val, seed=3))
+    return model, params, cat, store, val, train
+
+
+def test_short_training_lowers_loss_and_gives_finite_maps(fitted) -> None:
+    model, _, cat, store, _, _ = fitted
+    info = model.fit_info
+    assert info["teacher_source"] == 1.0 and info["teacher_pretrained_backbone"] == 0.0
+    assert model.teacher_info["distillation"]["backbone"] == "resnet18" and bool(model.teacher_ready)
+    assert info["penalty_procedural"] == 1.0
+    assert info["epochs_run"] == 2 and info["iterations"] == 2 * 2 and len(cat.train) == 4
+    assert info["train_loss_last"] < info["train_loss_first"]
+    batch = next(SampleSet(cat.test, store).batches(5))
+    prediction = model.predict(batch)
+    assert prediction.maps.shape == (5, SIZE, SIZE) and torch.isfinite(prediction.maps).all()
+    assert torch.equal(prediction.scores, prediction.maps.flatten(1).amax(1))
+
+
+def test_quantiles_come_from_held_out_good_images_only(fitted) -> None:
+    model, _, cat, store, val, train = fitted
+    assert model.fit_info["quantiles_from_val"] == 1.0
+    assert model.fit_info["quantile_images"] == len(cat.val)
+    assert train.images_read > 0
+    # val: one early-stopping pass per epoch + one pass for the quantiles
+    assert val.images_read == len(cat.val) * (model.fit_info["epochs_run"] + 1)
+    with torch.no_grad():
+        local, global_ = model.raw_maps(next(SampleSet(cat.val, store).batches(len(cat.val))).normalized())
+        q = torch.tensor([0.9, 0.995])
+        expected = torch.stack([torch.quantile(local.flatten(), q), torch.quantile(global_.flatten(), q)])
+        on_train = model.raw_maps(next(SampleSet(cat.train, store).batches(len(cat.train))).normalized())[0]
+    assert torch.allclose(model.quantiles, expected, rtol=1e-5)
+    assert not torch.allclose(model.quantiles[0], torch.quantile(on_train.flatten(), q), rtol=1e-3)
+
+
+def test_state_round_trip_gives_identical_predictions(fitted) -> None:
+    model, params, cat, store, _, _ = fitted
+    fresh = EfficientAD(context(), **params)
+    fresh.load_method_state(model.state_dict())
+    assert bool(fresh.teacher_ready) and fresh.teacher_info == model.teacher_info
+    batch = next(SampleSet(cat.test, store).batches(4))
+    a, b = model.predict(batch), fresh.predict(batch)
+    assert torch.equal(a.maps, b.maps) and torch.equal(a.scores, b.scores)
+    memory = model.memory_components()
+    assert memory["model_trainable"] > 0 and memory["model_frozen"] > 0 and memory["method_state"] > 0
+
+
+def test_without_held_out_images_quantiles_fall_back_to_training_images(root: Path, teacher_file: Path) -> None:
+    name, cat = category(root)
+    store = ImageStore(SIZE)
+    model = EfficientAD(context(max_epochs=1), teacher_weights=str(teacher_file), **FAST)
+    model.fit_task(TaskData(0, (name,), SampleSet(cat.train[:1], store), SampleSet((), store)))
+    info = model.fit_info
+    assert info["quantiles_from_val"] == 0.0 and info["quantile_images"] == 1
+    assert info["teacher_source"] == 0.0 and info["best_epoch"] == -1 and info["epochs_run"] == 1
+    assert model.teacher_info["source"] == "file"
+
+
+def test_non_finite_loss_raises(root: Path, teacher_file: Path, monkeypatch) -> None:
+    name, cat = category(root)
+    store = ImageStore(SIZE)
+    model = EfficientAD(context(max_epochs=1), teacher_weights=str(teacher_file), **FAST)
+    nan = torch.tensor(float("nan"), requires_grad=True)
+    monkeypatch.setattr(model, "training_losses", lambda *a: {"st": nan, "penalty": nan * 0, "ae": nan * 0, "stae": nan * 0})
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        model.fit_task(TaskData(0, (name,), SampleSet(cat.train[:1], store), SampleSet(cat.val, store)))
+
+
+@pytest.mark.parametrize("strategy, params", [("sequential", {}), ("replay", {"buffer_size": 4}), ("joint", {})])
+def test_efficientad_under_each_strategy(root: Path, teacher_file: Path, tmp_path: Path, strategy: str, params: dict) -> None:
+    config = RunConfig(method="efficientad", strategy=strategy, strategy_params=params, data_root=str(root),
+                       synthetic=False, tasks=2, image_size=SIZE, weights="none", output_dir=str(tmp_path),
+                       device="cpu", max_epochs=1, val_fraction=0.5,
+                       method_params={"teacher_weights": str(teacher_file), "batch_size": 3, **FAST})
+    run_dir = run_experiment(config, progress=False)
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
+    training = pd.read_csv(run_dir / "training.csv")
+    assert set(training.key) >= {"epochs_run", "train_loss_last", "quantiles_from_val", "q_b_local"}
+    assert (training[training.key == "quantiles_from_val"].value == 1.0).all()
+    memory = pd.read_csv(run_dir / "memory.csv")
+    assert (memory[memory.component == "model_trainable"].bytes > 0).all()
+    assert (memory[memory.component == "method_state"].bytes > 0).all()
