@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from clbench.backbones import BackbonePool
-from clbench.config import RunConfig
 from clbench.data import ImageStore, SampleSet, load_category
-from clbench.runner import run_experiment
 from methods.base import MethodContext, TaskData
 from methods.cfa import CFA, cfa_loss, softmin_score, squared_distances
+from conftest import STRATEGY_CASES, engine_run
 
 SMALL = {"backbone": "resnet18", "batch_size": 4}
 
@@ -109,12 +108,9 @@ def test_analytic_memory_is_seed_003_bank() -> None:
     assert state == 56 * 56 * 1792 * 4 == 22_478_848
 
 
-@pytest.mark.parametrize("strategy, params", [("sequential", {}), ("replay", {"buffer_size": 4}), ("joint", {})])
+@pytest.mark.parametrize("strategy, params", STRATEGY_CASES)
 def test_cfa_under_each_strategy(synthetic_root: Path, tmp_path: Path, strategy: str, params: dict) -> None:
-    config = RunConfig(method="cfa", strategy=strategy, strategy_params=params, data_root=str(synthetic_root),
-                       synthetic=False, tasks=2, image_size=32, weights="none", output_dir=str(tmp_path),
-                       device="cpu", max_epochs=1, method_params=dict(SMALL))
-    run_dir = run_experiment(config, progress=False)
+    run_dir = engine_run("cfa", strategy, params, synthetic_root, tmp_path, image_size=32, method_params=dict(SMALL))
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
     training = pd.read_csv(run_dir / "training.csv")

@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clbench.backbones import BackbonePool
-from clbench.config import RunConfig
 from clbench.data import ImageStore, SampleSet, load_category
-from clbench.runner import run_experiment
 from methods.base import MethodContext, TaskData
 from methods.draem import DRAEM, draem_filter_size, focal_loss, gaussian_window, ssim
 from methods.perlin import AnomalySource, default_max_scale, perlin_mask, procedural_texture, synthesize_anomalies
+from conftest import STRATEGY_CASES, engine_run
 
 SMALL = {"base_width": 4, "disc_base_width": 4}
 
@@ -151,12 +150,9 @@ def test_non_multiple_of_32_sizes_are_padded() -> None:
     assert model.memory_components()["model_trainable"] == trainable and model.memory_components()["method_state"] == 0
 
 
-@pytest.mark.parametrize("strategy, params", [("sequential", {}), ("replay", {"buffer_size": 4}), ("joint", {})])
+@pytest.mark.parametrize("strategy, params", STRATEGY_CASES)
 def test_draem_under_each_strategy(synthetic_root: Path, tmp_path: Path, strategy: str, params: dict) -> None:
-    config = RunConfig(method="draem", strategy=strategy, strategy_params=params, data_root=str(synthetic_root),
-                       synthetic=False, tasks=2, image_size=32, weights="none", output_dir=str(tmp_path),
-                       device="cpu", max_epochs=1, method_params=dict(SMALL))
-    run_dir = run_experiment(config, progress=False)
+    run_dir = engine_run("draem", strategy, params, synthetic_root, tmp_path, image_size=32, method_params=dict(SMALL))
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
     training = pd.read_csv(run_dir / "training.csv")

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from clbench.backbones import BackbonePool
-from clbench.config import RunConfig
 from clbench.data import ImageStore, SampleSet, load_category
-from clbench.runner import run_experiment
 from methods.base import MethodContext, TaskData
 from methods.cainnflow import CBAM, VARIANTS, CAINNFlow, ChannelAttention, SpatialAttention
 from methods.fastflow import FastFlow
 from methods.flows import flow_loss, likelihood_maps, nll_per_dim
+from conftest import STRATEGY_CASES, engine_run
 
 # (class, params) of every flow configuration: FastFlow and each CAINNFlow variant
 CONFIGS = [(FastFlow, {})] + [(CAINNFlow, {"variant": v}) for v in VARIANTS]
@@ -155,12 +154,9 @@ def test_state_round_trip_gives_identical_predictions(synthetic_root: Path, cls)
 
 
 @pytest.mark.parametrize("method", ["fastflow", "cainnflow"])
-@pytest.mark.parametrize("strategy, params", [("sequential", {}), ("replay", {"buffer_size": 4}), ("joint", {})])
+@pytest.mark.parametrize("strategy, params", STRATEGY_CASES)
 def test_flows_under_each_strategy(synthetic_root: Path, tmp_path: Path, method: str, strategy: str, params: dict) -> None:
-    config = RunConfig(method=method, strategy=strategy, strategy_params=params, data_root=str(synthetic_root),
-                       synthetic=False, tasks=2, image_size=64, weights="none", output_dir=str(tmp_path),
-                       device="cpu", max_epochs=1)
-    run_dir = run_experiment(config, progress=False)
+    run_dir = engine_run(method, strategy, params, synthetic_root, tmp_path)
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
     training = pd.read_csv(run_dir / "training.csv")

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from clbench.backbones import BackbonePool
-from clbench.config import RunConfig
 from clbench.data import ImageStore, SampleSet, load_category
-from clbench.runner import run_experiment
 from methods.base import MethodContext, TaskData
 from methods.stfpm import STFPM, layer_distances, stfpm_loss
+from conftest import STRATEGY_CASES, engine_run
 
 
 def make_stfpm(max_epochs: int = 3, **params) -> STFPM:
@@ -70,12 +69,9 @@ def test_without_held_out_images_all_epochs_run(synthetic_root: Path) -> None:
     assert model.fit_info["epochs_run"] == 2 and model.fit_info["best_epoch"] == -1
 
 
-@pytest.mark.parametrize("strategy, params", [("sequential", {}), ("replay", {"buffer_size": 4}), ("joint", {})])
+@pytest.mark.parametrize("strategy, params", STRATEGY_CASES)
 def test_stfpm_under_each_strategy(synthetic_root: Path, tmp_path: Path, strategy: str, params: dict) -> None:
-    config = RunConfig(method="stfpm", strategy=strategy, strategy_params=params, data_root=str(synthetic_root),
-                       synthetic=False, tasks=2, image_size=64, weights="none", output_dir=str(tmp_path),
-                       device="cpu", max_epochs=1)
-    run_dir = run_experiment(config, progress=False)
+    run_dir = engine_run("stfpm", strategy, params, synthetic_root, tmp_path)
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
     training = pd.read_csv(run_dir / "training.csv")
