@@ -282,7 +282,15 @@ def _table_metrics(summary: "pd.DataFrame", metric: str) -> list[str]:
 
 
 def _varying(summary: "pd.DataFrame", columns: Sequence[str]) -> list[str]:
-    return [c for c in columns if c in summary.columns and summary[c].astype(str).nunique() > 1]
+    """Columns that tell cells of the same method apart. A key that only differs between methods
+    (a method-specific setting such as PatchCore's budget) is implied by the method column."""
+    def varies(column: str) -> bool:
+        values = summary[column].astype(str)
+        if "method" in summary.columns:
+            return bool((values.groupby(summary["method"]).nunique() > 1).any())
+        return values.nunique() > 1
+
+    return [c for c in columns if c in summary.columns and varies(c)]
 
 
 def _fmt(mean: float, std: float, digits: int = 3, signed: bool = False) -> str:

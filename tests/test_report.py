@@ -215,3 +215,12 @@ def test_report_cli(tmp_path: Path, capsys) -> None:
 def test_markdown_table_pads_columns() -> None:
     table = markdown_table(["a", "bb"], [["xyz", "1"], ["q", "22"]], [False, True])
     assert table.splitlines() == ["| a   | bb |", "| --- | -: |", "| xyz |  1 |", "| q   | 22 |"]
+
+
+def test_keys_that_only_differ_between_methods_are_not_extra_columns() -> None:
+    import pandas as pd
+
+    from clbench.report import _varying
+
+    summary = pd.DataFrame({"method": ["a", "a", "b"], "budget": ["none", "none", "3000"], "n_features": [1, 2, 1]})
+    assert _varying(summary, ["budget", "n_features"]) == ["n_features"]
