@@ -11,22 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import best_of  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from clbench.knn import FlatL2Index, knn_torch  # noqa: E402
-
-
-def best_of(reps: int, fn):
-    best, result = float("inf"), None
-    for _ in range(reps):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def main() -> int:

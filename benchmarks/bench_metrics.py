@@ -12,25 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import best_of  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from clbench.metrics import aupro, auroc, pixel_metrics  # noqa: E402
-
-
-def best_of(reps: int, fn: Callable[[], object]) -> tuple[float, object]:
-    """Best wall time over reps runs, and the last result."""
-    best, result = float("inf"), None
-    for _ in range(reps):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def bench_auroc(name: str, scores: np.ndarray, labels: np.ndarray, reps: int) -> bool:
