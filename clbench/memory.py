@@ -3,16 +3,11 @@ from __future__ import annotations
 
 import resource
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def reset_peak_rss() -> bool:

@@ -68,10 +68,6 @@ class Report:
     cells: list[CellInfo]
     markdown: str
 
-    @property
-    def incomplete(self) -> list[CellInfo]:
-        return [c for c in self.cells if not c.complete]
-
 
 # --------------------------------------------------------------------------------------------
 # reading the cells
