@@ -194,6 +194,7 @@ class Experiment:
         if state is not None:
             completed = int(state["step"])
             method.load_method_state(state["method"])
+            method.load_training_state(state.get("training", {}))
             strategy.load_state_dict(state["strategy"])
             results.load(completed)
             log.info("resuming %s after step %d", self.run_dir, completed)
@@ -249,7 +250,8 @@ class Experiment:
         log.info("step %d (%s): train %.1fs, eval %.1fs, pixel AUROC %s", step, label, train_seconds, eval_seconds, pixel)
 
     def _checkpoint(self, step: int, method: AnomalyMethod, strategy: Strategy) -> None:
-        state = {"step": step, "method": method.state_dict(), "strategy": strategy.state_dict()}
+        state = {"step": step, "method": method.state_dict(), "training": method.training_state(),
+                 "strategy": strategy.state_dict()}
         atomic.write_with(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
     # -- summary -------------------------------------------------------------------------------

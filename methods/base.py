@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -65,6 +65,13 @@ class MethodContext:
     progress: bool = True
     epochs_scale: float = 1.0  # multiplies every trainable method's epoch count (short test runs)
     max_epochs: int | None = None  # caps it
+    # True for runs that must reproduce a paper (e.g. the clad profile): a method refuses to stand in
+    # a random-init or locally improvised component (e.g. EfficientAD's teacher) for a pretrained one.
+    require_pretrained: bool = False
+
+
+# ``optimizer_state`` of trainable methods: what happens to the optimiser between tasks.
+OPTIMIZER_STATES = ("reset", "keep")
 
 
 class AnomalyMethod(nn.Module, ABC):
@@ -78,7 +85,13 @@ class AnomalyMethod(nn.Module, ABC):
         super().__init__()
         self.context = context
         self.params = self.resolve_params(params)
+        if self.params.get("optimizer_state", "reset") not in OPTIMIZER_STATES:
+            raise ValueError(
+                f"method_params: optimizer_state '{self.params['optimizer_state']}' is not one of {', '.join(OPTIMIZER_STATES)}"
+            )
         self.fit_info: dict[str, float] = {}  # what the last fit_task did (epochs, losses): logged per step
+        self._kept_optimiser: torch.optim.Optimizer | None = None
+        self._kept_optimiser_state: dict[str, Any] | None = None  # restored from a checkpoint, not yet applied
 
     @classmethod
     def resolve_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -155,3 +168,44 @@ class AnomalyMethod(nn.Module, ABC):
 
     def on_state_loaded(self) -> None:
         """Hook: rebuild derived caches (e.g. an inverse covariance) after a resume."""
+
+    # -- the optimiser across tasks ---------------------------------------------------------------
+    def task_optimiser(self, build: Callable[[], torch.optim.Optimizer]) -> torch.optim.Optimizer:
+        """The optimiser a trainable method uses for this step, per its ``optimizer_state``.
+
+        ``reset`` (default): ``build()`` a fresh optimiser at every task, the network weights carried
+        over (seed 003 is silent; each method's paper trains one task from a fresh optimiser).
+        ``keep``: one optimiser for the whole stream, its moments carried from task to task (what the
+        benchmark paper's code does); each task starts again at the initial learning rate (a
+        per-task scheduler may have lowered it). The kept state is in ``training_state``, which the
+        engine checkpoints, so a resumed run continues with the same moments.
+        """
+        if self.params.get("optimizer_state", "reset") != "keep":
+            return build()
+        if self._kept_optimiser is None:
+            self._kept_optimiser = build()
+            if self._kept_optimiser_state is not None:
+                self._kept_optimiser.load_state_dict(self._kept_optimiser_state)
+                self._kept_optimiser_state = None
+        for group in self._kept_optimiser.param_groups:
+            group["lr"] = group.get("initial_lr", group["lr"])
+        return self._kept_optimiser
+
+    def training_state(self) -> dict[str, Any]:
+        """State of the training machinery that is not the model (the kept optimiser's moments under
+        ``optimizer_state: keep``); the engine checkpoints it beside ``state_dict`` for resume."""
+        if self._kept_optimiser is not None:
+            return {"optimizer": self._kept_optimiser.state_dict()}
+        if self._kept_optimiser_state is not None:
+            return {"optimizer": self._kept_optimiser_state}
+        return {}
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``training_state`` returned (applied when the optimiser is next built)."""
+        optimiser_state = state.get("optimizer")
+        if optimiser_state is None:
+            return
+        if self._kept_optimiser is not None:
+            self._kept_optimiser.load_state_dict(optimiser_state)
+        else:
+            self._kept_optimiser_state = optimiser_state
