@@ -4,8 +4,9 @@ Run:  python benchmarks/bench_metrics.py [--n 10000000] [--reps 3]
 
 Times ``auroc`` vs ``sklearn.metrics.roc_auc_score`` on n float32 scores
 with ~3% positives (continuous scores, then heavily tied scores), best of
-``reps`` runs, checks the values agree within 1e-6, then times ``aupro``
-and ``pixel_metrics`` on (200, 224, 224) maps.
+``reps`` runs, checks the values agree within 1e-6; the same for ``f1_max``
+vs the max of 2PR/(P+R) over ``sklearn.metrics.precision_recall_curve``;
+then times ``aupro`` and ``pixel_metrics`` on (200, 224, 224) maps.
 """
 
 from __future__ import annotations
@@ -15,20 +16,27 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import best_of  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from clbench.metrics import aupro, auroc, pixel_metrics  # noqa: E402
+from clbench.metrics import aupro, auroc, f1_max, pixel_metrics  # noqa: E402
 
 
-def bench_auroc(name: str, scores: np.ndarray, labels: np.ndarray, reps: int) -> bool:
+def sklearn_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """max 2PR/(P+R) over sklearn's precision-recall curve (P+R = 0 counts as 0)."""
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    num, den = 2 * precision * recall, precision + recall
+    return float(np.max(np.divide(num, den, out=np.zeros_like(num), where=den != 0)))
+
+
+def bench_pair(name: str, ours_fn, ref_fn, scores: np.ndarray, labels: np.ndarray, reps: int) -> bool:
     """Print both timings and the speed-up; return whether the values agree."""
-    t_ours, ours = best_of(reps, lambda: auroc(scores, labels))
-    t_sk, ref = best_of(reps, lambda: roc_auc_score(labels, scores))
+    t_ours, ours = best_of(reps, lambda: ours_fn(scores, labels))
+    t_sk, ref = best_of(reps, lambda: ref_fn(labels, scores))
     agree = abs(ours - ref) <= 1e-6
     print(
-        f"auroc [{name}] n={scores.size:,}: clbench {t_ours:.3f} s, sklearn {t_sk:.3f} s, "
+        f"{name} n={scores.size:,}: clbench {t_ours:.3f} s, sklearn {t_sk:.3f} s, "
         f"speed-up x{t_sk / t_ours:.1f}; values {ours:.9f} vs {ref:.9f} ({'agree' if agree else 'DIFFER'})"
     )
     return agree
@@ -56,8 +64,10 @@ def main() -> int:
     labels = rng.random(args.n) < 0.03
     scores = (rng.standard_normal(args.n) + labels).astype(np.float32)
     tied = np.round(scores * 4).astype(np.float32)  # ~40 distinct values
-    ok = bench_auroc("float32, continuous", scores, labels, args.reps)
-    ok &= bench_auroc("float32, heavy ties", tied, labels, args.reps)
+    ok = True
+    for kind, values in (("float32, continuous", scores), ("float32, heavy ties", tied)):
+        ok &= bench_pair(f"auroc [{kind}]", auroc, roc_auc_score, values, labels, args.reps)
+        ok &= bench_pair(f"f1_max [{kind}]", f1_max, sklearn_f1_max, values, labels, args.reps)
 
     maps, masks = make_maps(rng, 200, 224, 224)
     t_pro, value = best_of(args.reps, lambda: aupro(maps, masks))
@@ -65,7 +75,7 @@ def main() -> int:
     t_pix, result = best_of(args.reps, lambda: pixel_metrics(maps, masks))
     print(f"pixel_metrics {maps.shape}: {t_pix:.3f} s, {result}")
     if not ok:
-        print("ERROR: clbench.auroc and sklearn disagree by more than 1e-6")
+        print("ERROR: clbench and sklearn disagree by more than 1e-6")
     return 0 if ok else 1
 
 

@@ -13,7 +13,12 @@ from methods.base import AnomalyMethod
 def evaluate_task(
     method: AnomalyMethod, category: Category, task_index: int, store: ImageStore, batch_size: int, bar: tqdm | None = None
 ) -> dict[str, float]:
-    """Metrics of one task at the evaluation resolution (= input size), on raw scores."""
+    """Metrics of one task at the evaluation resolution (= input size), on raw scores.
+
+    Keys: ``clbench.metrics.PIXEL_KEYS`` (pixel AUROC, AUPRO, AP, F1-max over all
+    pixels of the task's test set) and ``IMAGE_KEYS`` (image AUROC, AP, F1-max),
+    plus ``task_id_accuracy`` for methods that predict the task.
+    """
     method.eval()
     maps, scores, labels, masks = [], [], [], []
     task_hits: list[torch.Tensor] = []

@@ -27,13 +27,43 @@ NaN entries (metric undefined, e.g. a test set with a single class) are
 ignored: each mean/max runs over the defined entries only (so the 1/(T-1)
 becomes 1/(number of defined terms)), and a result with no defined term is
 NaN.  No RuntimeWarning is emitted for all-NaN slices.
+
+Relative forgetting (the benchmark paper's)
+-------------------------------------------
+The paper's code (clad, ``src/utilities/utility_ad.py``, ``forgetting``,
+called after every step on the pixel ``"f1"``) computes, at step F:
+
+    RF = 1/F * sum_{j=0}^{F-1} max(0, max_{l in [0, F-1]} ( 1 - R[F, j] / R[l, j] ))
+
+``relative_forgetting`` reproduces it at the final step, as a fraction (the
+report shows x100 as %).  It differs from FM in three ways:
+
+* relative, not absolute: for positive entries the term is
+  ``max(0, (M_j - R[F, j]) / M_j)`` with ``M_j = max_{l<F} R[l, j]``;
+* ``l`` runs over *all* earlier steps, including the steps before task ``j``
+  was learned (``l < j``: the model had never seen ``j``), so a high
+  not-yet-learned value counts as "forgotten" too; FM only looks from ``l = j``;
+* every term is clipped at 0 (the code's ``max_value = 0.0`` start), so
+  RF >= 0 by construction while FM may be negative.  The paper's published
+  table reports CFA at -4.70 % (main paper, not among /shared/seeds): that
+  figure cannot come from this function as written.
+
+Edge cases (documented choices): F = 0 (a single step, e.g. joint training)
+gives NaN, like FM (the code returns 0.0 there, which would read as "no
+forgetting" for a run that cannot forget).  ``j`` runs over the tasks learned
+before the final step (``j < min(F, T)``; the code assumes S == T).  A
+reference ``R[l, j] == 0`` is skipped: in the code (numpy floats) its ratio is
+``-inf`` or ``0/0 = nan``, neither of which raises the max above its start 0.
+NaN entries follow the rule above: a NaN reference is skipped, a task whose
+final value or whose every reference is NaN drops out, and the 1/F becomes
+1/(number of defined terms).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["acc", "bwt", "forgetting_measure", "summarize", "summarize_joint"]
+__all__ = ["acc", "bwt", "forgetting_measure", "relative_forgetting", "summarize", "summarize_joint"]
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -85,21 +115,44 @@ def forgetting_measure(R: np.ndarray) -> float:
     return _nanmean(np.array(drops))
 
 
+def relative_forgetting(R: np.ndarray) -> float:
+    """The paper's relative forgetting at the final step F = S - 1 (a fraction, >= 0).
+
+    mean_{j < min(F, T)} max(0, max_{l < F} (1 - R[F, j] / R[l, j])); NaN if
+    F < 1.  Zero and NaN references are skipped (see the module docstring).
+    """
+    R = _as_matrix(R, need_diagonal=False)
+    final = R.shape[0] - 1
+    if final < 1:
+        return float("nan")
+    terms = []
+    for j in range(min(final, R.shape[1])):
+        last, refs = R[final, j], R[:final, j]
+        refs = refs[~np.isnan(refs)]
+        if np.isnan(last) or refs.size == 0:
+            continue
+        refs = refs[refs != 0]
+        terms.append(float(np.max(1.0 - last / refs, initial=0.0)))  # initial 0: the clip
+    return _nanmean(np.array(terms))
+
+
 def summarize(R: np.ndarray) -> dict[str, float]:
-    """ACC, BWT and FM of a sequential run's (S, T) matrix, S >= T."""
+    """ACC, BWT, FM and the paper's relative forgetting of an (S, T) matrix, S >= T."""
     R = _as_matrix(R, need_diagonal=True)
-    return {"acc": acc(R), "bwt": bwt(R), "fm": forgetting_measure(R)}
+    return {"acc": acc(R), "bwt": bwt(R), "fm": forgetting_measure(R), "relative_forgetting": relative_forgetting(R)}
 
 
 def summarize_joint(R_row: np.ndarray) -> dict[str, float]:
     """Summary of a single-step run (joint training / upper bound).
 
     ``R_row`` is the (T,) or (1, T) row of per-task metrics after the one
-    step; only ACC is defined, BWT and FM are NaN (nothing was learned later).
+    step; only ACC is defined, BWT, FM and relative forgetting are NaN
+    (nothing was learned later).
     """
     row = np.asarray(R_row, dtype=np.float64)
     if row.ndim == 2 and row.shape[0] == 1:
         row = row[0]
     if row.ndim != 1 or row.size == 0:
         raise ValueError(f"R_row must be a non-empty (T,) or (1, T) array, got shape {np.shape(R_row)}")
-    return {"acc": _nanmean(row), "bwt": float("nan"), "fm": float("nan")}
+    nan = float("nan")
+    return {"acc": _nanmean(row), "bwt": nan, "fm": nan, "relative_forgetting": nan}

@@ -16,14 +16,41 @@ than the ``argsort`` that sklearn uses).  For a value ``v``,
   ``n_pos * n_neg`` (ties count 1/2, like sklearn's trapezoidal ROC area);
 * AP = mean over positives of the precision at the threshold equal to that
   positive's score (sklearn's step-wise AP, tie groups share one precision);
+* F1-max = max over thresholds t of 2 TP(t) / (TP(t) + FP(t) + n_pos), with
+  TP(t) = #pos >= t and FP(t) = #neg >= t (a threshold classifies
+  score >= t as anomalous; tied scores move together).  Between two
+  consecutive positive scores raising t only removes false positives, so the
+  maximum is attained at a threshold equal to a positive score: the same
+  counts as AP, evaluated at the positives only, hence exact over *every*
+  distinct threshold;
 * AUPRO: the FPR at each distinct positive score; the PRO curve only changes
   at positive scores, so those points (plus the ends of the horizontal runs
   between them) are exactly the vertices of the curve evaluated at every
   distinct threshold, collinear points omitted.  Only the positive pixels
   need an ``argsort`` (to carry their region weights).
 
-``pixel_metrics`` splits and sorts once and shares the arrays between the
-three metrics.
+``pixel_metrics`` splits and sorts once and shares the arrays (and the
+per-positive counts of AP and F1-max) between the four metrics.
+
+F1-max and the benchmark paper's code
+-------------------------------------
+``pixel_f1_max`` / ``image_f1_max`` are the F1 of the best threshold, as
+anomalib's ``F1Max`` reports it (anomalib's curve is torchmetrics', in
+float32, and it adds 1e-10 to P + R: agreement to ~1e-7 relative; here the
+counts are integers and the ratio float64).  The paper's code (clad,
+``src/utilities/utility_ad.py``, ``test_epoch_anomaly_maps``: the evaluation
+of all eight methods) takes ``max 2PR/(P+R)`` over sklearn's
+``precision_recall_curve``, i.e. over every distinct threshold, and stores it
+as ``"f1"`` (pixel) and ``"f1_img"`` (image): the same quantity as here.  Its
+other route, ``reconstruct_epoch_with_evaluation_ad`` -> ``test_results`` ->
+``calculate_additional_metrics`` (meant for its reconstruction models; taken
+by any architecture not listed in ``strategy_ad.py``'s routing, which names
+STFPM ``"storig"`` while ``train_stfpm.json`` says ``"stfpm"``), stores as
+``"f1"`` the maximum of ``utility_metrics.calculate_f1`` over a grid of 50
+equally spaced thresholds ``np.linspace(min, max, 50)``.  The F1 at any fixed
+set of thresholds is at most the exact F1-max (a maximum over a subset), so
+that grid value is a lower bound of ``pixel_f1_max``, equal only when the
+grid happens to contain an optimal threshold.
 
 Undefined metrics
 -----------------
@@ -46,6 +73,7 @@ __all__ = [
     "UndefinedMetricError",
     "auroc",
     "average_precision",
+    "f1_max",
     "aupro",
     "pixel_metrics",
     "image_metrics",
@@ -145,12 +173,40 @@ def _auroc_split(split: _Split) -> float:
     return (int(below) + int(below_or_eq)) / (2 * split.pos.size * split.neg.size)
 
 
-def _average_precision_split(split: _Split) -> float:
-    """Mean over positives of precision at threshold = that positive's score."""
+@dataclass(frozen=True)
+class _Counts:
+    """TP and FP at each threshold t = a positive's score (t ascending)."""
+
+    tp: np.ndarray  # #pos >= t
+    fp: np.ndarray  # #neg >= t
+    n_pos: int
+
+
+def _counts_at_positives(split: _Split) -> _Counts:
+    """Counts at every positive score: shared by AP and F1-max."""
     n_pos, n_neg = split.pos.size, split.neg.size
-    tp = n_pos - np.searchsorted(split.pos, split.pos, side="left")  # #pos >= s
-    fp = n_neg - np.searchsorted(split.neg, split.pos, side="left")  # #neg >= s
-    return float(np.mean(tp / (tp + fp)))
+    tp = n_pos - np.searchsorted(split.pos, split.pos, side="left")
+    fp = n_neg - np.searchsorted(split.neg, split.pos, side="left")
+    return _Counts(tp=tp, fp=fp, n_pos=n_pos)
+
+
+def _average_precision_counts(counts: _Counts) -> float:
+    """Mean over positives of precision at threshold = that positive's score."""
+    return float(np.mean(counts.tp / (counts.tp + counts.fp)))
+
+
+def _f1_max_counts(counts: _Counts) -> float:
+    """max_t 2 TP / (TP + FP + n_pos) over thresholds at positive scores.
+
+    TP + FP >= 1 there, so the denominator is never 0; integer counts keep
+    F1 = 2PR/(P+R) free of the P+R = 0 guard sklearn-based code needs.
+    """
+    f1 = 2.0 * counts.tp / (counts.tp + counts.fp + counts.n_pos)
+    return float(f1.max())
+
+
+def _average_precision_split(split: _Split) -> float:
+    return _average_precision_counts(_counts_at_positives(split))
 
 
 def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -251,6 +307,17 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return _average_precision_split(_prepare(scores, labels))
 
 
+def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
+    """F1 at the best threshold, exact over every distinct threshold.
+
+    A threshold t labels ``score >= t`` anomalous (tied scores move
+    together); F1 = 2PR/(P+R).  Equal to the maximum of 2PR/(P+R) over the
+    points of ``sklearn.metrics.precision_recall_curve`` and to anomalib's
+    ``F1Max``.  Same input rules and errors as :func:`auroc`.
+    """
+    return _f1_max_counts(_counts_at_positives(_prepare(scores, labels)))
+
+
 def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     """Area under the PRO curve up to FPR = ``fpr_limit``, divided by it.
 
@@ -268,33 +335,45 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     return _aupro_split(_split_sorted(maps.ravel(), positive.ravel()), maps, positive, fpr_limit)
 
 
-def pixel_metrics(maps: np.ndarray, masks: np.ndarray) -> dict[str, float]:
-    """Pixel AUROC, AUPRO (FPR <= 0.3) and AP of (N, H, W) maps vs masks.
+PIXEL_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_ap", "pixel_f1_max")
+IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max")
 
-    Masks are binarised by ``> 0`` (so 0/255 masks work).  Splits and sorts
-    the pixels once for all three metrics.  If the set has no anomalous or
-    no normal pixel all three are ``nan``; other bad input raises.
+
+def pixel_metrics(maps: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    """Pixel AUROC, AUPRO (FPR <= 0.3), AP and F1-max of (N, H, W) maps vs masks.
+
+    All pixels of all images form one set (like pixel AUROC).  Masks are
+    binarised by ``> 0`` (so 0/255 masks work).  Splits and sorts the pixels
+    once for all four metrics.  If the set has no anomalous or no normal
+    pixel all four are ``nan``; other bad input raises.
     """
     maps, positive = _check_maps(maps, masks)
     try:
         split = _split_sorted(maps.ravel(), positive.ravel())
     except UndefinedMetricError:
-        return {"pixel_auroc": float("nan"), "pixel_aupro": float("nan"), "pixel_ap": float("nan")}
+        return dict.fromkeys(PIXEL_KEYS, float("nan"))
+    counts = _counts_at_positives(split)
     return {
         "pixel_auroc": _auroc_split(split),
         "pixel_aupro": _aupro_split(split, maps, positive, 0.3),
-        "pixel_ap": _average_precision_split(split),
+        "pixel_ap": _average_precision_counts(counts),
+        "pixel_f1_max": _f1_max_counts(counts),
     }
 
 
 def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Image-level AUROC and AP; labels bool or {0, 1}.
+    """Image-level AUROC, AP and F1-max; labels bool or {0, 1}.
 
-    Both are ``nan`` when the test set holds a single class; other bad input
+    All are ``nan`` when the test set holds a single class; other bad input
     raises ``ValueError``.
     """
     try:
         split = _prepare(scores, labels)
     except UndefinedMetricError:
-        return {"image_auroc": float("nan"), "image_ap": float("nan")}
-    return {"image_auroc": _auroc_split(split), "image_ap": _average_precision_split(split)}
+        return dict.fromkeys(IMAGE_KEYS, float("nan"))
+    counts = _counts_at_positives(split)
+    return {
+        "image_auroc": _auroc_split(split),
+        "image_ap": _average_precision_counts(counts),
+        "image_f1_max": _f1_max_counts(counts),
+    }

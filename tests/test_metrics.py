@@ -1,4 +1,4 @@
-"""Tests of clbench.metrics against sklearn and a brute-force AUPRO reference."""
+"""Tests of clbench.metrics against sklearn, anomalib's F1Max and a brute-force AUPRO reference."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from clbench.metrics import (
     UndefinedMetricError,
     aupro,
     auroc,
     average_precision,
+    f1_max,
     image_metrics,
     pixel_metrics,
 )
@@ -125,11 +126,101 @@ def test_ap_known_values() -> None:
 
 
 # ----------------------------------------------------------------------------
+# F1-max
+# ----------------------------------------------------------------------------
+
+
+def _f1_max_sklearn(labels: np.ndarray, scores: np.ndarray) -> float:
+    """max 2PR/(P+R) over sklearn's PR-curve points, P+R = 0 counted as F1 = 0."""
+    precision, recall, _ = precision_recall_curve(np.ravel(labels), np.ravel(scores))
+    num, den = 2 * precision * recall, precision + recall
+    return float(np.max(np.divide(num, den, out=np.zeros_like(num), where=den != 0)))
+
+
+def _f1_max_brute(labels: np.ndarray, scores: np.ndarray) -> float:
+    """F1 at every distinct threshold t (score >= t positive), straight from the confusion matrix."""
+    labels, scores = np.ravel(labels).astype(bool), np.ravel(scores)
+    best = 0.0
+    for t in np.unique(scores):
+        predicted = scores >= t
+        tp = np.sum(predicted & labels)
+        fp = np.sum(predicted & ~labels)
+        fn = np.sum(~predicted & labels)
+        best = max(best, 2 * tp / (2 * tp + fp + fn))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_f1_max_random_matches_sklearn(seed: int) -> None:
+    scores, labels = _random_case(1000 + seed, p=0.15)
+    assert f1_max(scores, labels) == pytest.approx(_f1_max_sklearn(labels, scores), abs=TOL)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_f1_max_ties_match_sklearn_and_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(1100 + seed)
+    labels = (rng.random(2000) < 0.3).astype(np.int64)
+    scores = (rng.integers(0, 4, 2000) + labels * rng.integers(0, 2, 2000)).astype(np.float32)
+    expected = _f1_max_sklearn(labels, scores)
+    assert f1_max(scores, labels) == pytest.approx(expected, abs=TOL)
+    assert _f1_max_brute(labels, scores) == pytest.approx(expected, abs=TOL)
+
+
+def test_f1_max_ties_move_together() -> None:
+    # scores [1, 1, 0], labels [1, 0, 0]: the tied pair cannot be split, so
+    # t = 1 gives TP 1, FP 1 -> F1 = 2/3 (not 1), and t = 0 gives 2/4.
+    scores, labels = np.array([1.0, 1.0, 0.0]), np.array([1, 0, 0])
+    assert f1_max(scores, labels) == pytest.approx(2 / 3, abs=TOL)
+    assert _f1_max_sklearn(labels, scores) == pytest.approx(2 / 3, abs=TOL)
+
+
+def test_f1_max_constant_perfect_inverted_match_sklearn() -> None:
+    labels = np.array([0, 1, 0, 0, 1, 0, 0, 1])
+    cases = {
+        "constant": np.full(8, 0.25),
+        "perfect": np.where(labels == 1, 0.9, 0.1) + np.arange(8) * 1e-3,
+        "inverted": np.where(labels == 1, 0.1, 0.9) + np.arange(8) * 1e-3,
+    }
+    for name, scores in cases.items():
+        assert f1_max(scores, labels) == pytest.approx(_f1_max_sklearn(labels, scores), abs=TOL), name
+    # one threshold, everything positive: P = 3/8, R = 1 -> F1 = 2 * 3/8 / (11/8) = 6/11
+    assert f1_max(cases["constant"], labels) == pytest.approx(6 / 11, abs=TOL)
+    assert f1_max(cases["perfect"], labels) == 1.0
+    assert f1_max(cases["inverted"], labels) == pytest.approx(6 / 11, abs=TOL)  # best: flag everything
+
+
+def test_f1_max_float32_and_multidimensional_match_sklearn() -> None:
+    scores, labels = _random_case(1200, n=4 * 6 * 5)
+    scores32 = scores.astype(np.float32)
+    expected = _f1_max_sklearn(labels, scores32)
+    assert f1_max(scores32.reshape(4, 6, 5), labels.reshape(4, 6, 5)) == pytest.approx(expected, abs=TOL)
+
+
+@pytest.mark.parametrize("case", ["random", "tied"])
+def test_f1_max_matches_anomalib(case: str) -> None:
+    import torch
+    from types import SimpleNamespace
+
+    from anomalib.metrics import F1Max
+
+    rng = np.random.default_rng(1300)
+    labels = (rng.random(3000) < 0.2).astype(np.int64)
+    scores = rng.standard_normal(3000) + labels
+    if case == "tied":
+        scores = np.round(scores * 2)
+    metric = F1Max(fields=["pred_score", "gt_label"])
+    metric.update(SimpleNamespace(pred_score=torch.from_numpy(scores), gt_label=torch.from_numpy(labels)))
+    reference = float(metric.compute())
+    # torchmetrics' curve is float32 (counts, P, R) and anomalib adds 1e-10 to P + R
+    assert f1_max(scores, labels) == pytest.approx(reference, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("metric", [auroc, average_precision])
+@pytest.mark.parametrize("metric", [auroc, average_precision, f1_max])
 def test_single_class_raises(metric) -> None:
     with pytest.raises(UndefinedMetricError, match="no positive"):
         metric(np.arange(5.0), np.zeros(5, dtype=int))
@@ -137,7 +228,7 @@ def test_single_class_raises(metric) -> None:
         metric(np.arange(5.0), np.ones(5, dtype=bool))
 
 
-@pytest.mark.parametrize("metric", [auroc, average_precision])
+@pytest.mark.parametrize("metric", [auroc, average_precision, f1_max])
 def test_shape_mismatch_raises(metric) -> None:
     with pytest.raises(ValueError, match="same shape"):
         metric(np.arange(6.0), np.array([0, 1, 0, 1, 0]))
@@ -145,7 +236,7 @@ def test_shape_mismatch_raises(metric) -> None:
         metric(np.arange(6.0).reshape(2, 3), np.array([0, 1, 0, 1, 0, 1]))
 
 
-@pytest.mark.parametrize("metric", [auroc, average_precision])
+@pytest.mark.parametrize("metric", [auroc, average_precision, f1_max])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("where", [0, 1])  # a negative's or a positive's score
 def test_non_finite_scores_raise(metric, bad: float, where: int) -> None:
@@ -297,18 +388,21 @@ def test_pixel_metrics_matches_individual_metrics() -> None:
     masks = _blob_masks(rng, 4, 16, 16)
     maps = (rng.random(masks.shape) + 0.6 * (masks > 0)).astype(np.float32)
     result = pixel_metrics(maps, masks)  # 0/255 masks binarised by > 0
-    assert set(result) == {"pixel_auroc", "pixel_aupro", "pixel_ap"}
+    assert set(result) == {"pixel_auroc", "pixel_aupro", "pixel_ap", "pixel_f1_max"}
     assert all(type(v) is float for v in result.values())  # plain floats (JSON/pandas friendly)
     labels = (masks > 0).ravel()
     assert result["pixel_auroc"] == pytest.approx(roc_auc_score(labels, maps.ravel()), abs=TOL)
     assert result["pixel_ap"] == pytest.approx(average_precision_score(labels, maps.ravel()), abs=TOL)
     assert result["pixel_aupro"] == pytest.approx(_aupro_reference(maps, masks), abs=TOL)
+    # F1-max over all pixels of all images pooled, like pixel AUROC
+    assert result["pixel_f1_max"] == pytest.approx(_f1_max_sklearn(labels, maps.ravel()), abs=TOL)
 
 
 def test_pixel_metrics_undefined_is_nan() -> None:
     maps = np.random.default_rng(0).random((2, 4, 4))
     for masks in (np.zeros((2, 4, 4)), np.full((2, 4, 4), 255)):
         result = pixel_metrics(maps, masks)
+        assert set(result) == {"pixel_auroc", "pixel_aupro", "pixel_ap", "pixel_f1_max"}
         assert all(math.isnan(v) for v in result.values())
     with pytest.raises(ValueError, match="NaN or inf"):
         pixel_metrics(np.full((2, 4, 4), np.nan), np.zeros((2, 4, 4)))
@@ -317,10 +411,12 @@ def test_pixel_metrics_undefined_is_nan() -> None:
 def test_image_metrics() -> None:
     scores, labels = _random_case(900, n=200, p=0.5)
     result = image_metrics(scores, labels.astype(bool))
+    assert set(result) == {"image_auroc", "image_ap", "image_f1_max"}
+    assert result["image_f1_max"] == pytest.approx(_f1_max_sklearn(labels, scores), abs=TOL)
     assert result["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=TOL)
     assert result["image_ap"] == pytest.approx(average_precision_score(labels, scores), abs=TOL)
     assert all(type(v) is float for v in result.values())
     undefined = image_metrics(scores, np.ones(200, dtype=int))
-    assert math.isnan(undefined["image_auroc"]) and math.isnan(undefined["image_ap"])
+    assert set(undefined) == set(result) and all(math.isnan(v) for v in undefined.values())
     with pytest.raises(ValueError, match="same shape"):
         image_metrics(scores, labels[:-1])
