@@ -9,25 +9,45 @@ No frozen backbone. Images in [0, 1] (``batch.pixels / 255``, not ImageNet-norma
   channel-wise concatenation of the (augmented) input and its reconstruction, base width
   ``disc_base_width`` (64 in DRAEM: 28.4 M parameters); 2 output channels (normal / anomalous).
   Inputs whose side is not a multiple of 32 are replicate-padded up to one and the outputs cropped.
-* Simulated anomalies (``methods.perlin``): with probability 0.5 an image gets a Perlin mask
-  (threshold 0.5, 2^[0..6] lattice cells at 256 px, rotated) filled with an anomaly-source texture
-  blended with opacity beta ~ U[0.1, 1.0). Anomaly source: the images of the folder
+* Simulated anomalies (``methods.perlin``): with probability ``p_rotate`` = 0.3 a *normal* training
+  image is first rotated by an angle uniform in [-90, 90] degrees (DRAEM's ``MVTecDRAEMTrainDataset``
+  and the benchmark paper's copy of it: ``torch.rand(1) > 0.7`` then imgaug ``Affine(rotate=(-90,
+  90))``; bilinear, corners filled with 0 = black, imgaug's default), so the rotated image is both
+  the simulator's input and the reconstruction target. Then with probability 0.5 an image gets a
+  Perlin mask (threshold 0.5, 2^[0..5] lattice cells at 256 px, rotated) filled with an
+  anomaly-source texture blended with opacity beta ~ U[0.1, 1.0) (DRAEM paper, anomalib; DRAEM's
+  code: (0.2, 1.0], ``beta=[0.2, 1.0]``). Anomaly source: the images of the folder
   ``anomaly_source`` when given (DTD in the paper), otherwise a deterministic *procedural* texture
   fallback (coloured fractal Perlin noise, stripes, checkerboards, Perlin blobs with random colours);
-  ``fit_info["anomaly_source_procedural"]`` records which (1.0 = procedural). The simulator draws
-  from a generator seeded per step, epoch and batch (``data.seed``), so a resumed run reproduces the
-  uninterrupted one. (DRAEM also rotates 30 % of the *normal* images; not done here.)
+  ``fit_info["anomaly_source_procedural"]`` records which (1.0 = procedural). The simulator and the
+  rotation draw from generators seeded per step, epoch and batch (``data.seed``; the rotation has its
+  own stream, so ``p_rotate=0`` leaves the simulated anomalies as they were), so a resumed run
+  reproduces the uninterrupted one. anomalib 2.7.0 does not rotate the normal images.
+* Sub-network input: the concatenation (input, reconstruction), anomalib's channel order; DRAEM's
+  code concatenates (reconstruction, input) - equivalent for a network trained from scratch, it only
+  matters for loading DRAEM's released weights (swap the first conv's input channels).
 * Loss: l2(I, I_r) + lambda * (1 - SSIM(I, I_r)) + Focal(M_a, M) with lambda = 1 (DRAEM's code;
-  anomalib's 2 * kornia SSIMLoss is the same), SSIM with an 11x11 Gaussian window (sigma 1.5, zero
-  padding, C1 = 0.01^2, C2 = 0.03^2, as DRAEM's ``SSIM``), focal loss on the softmax of the 2-channel
-  output with gamma = 2, alpha = 1 (anomalib's kornia ``FocalLoss(alpha=1)``; DRAEM's own default),
-  mean over pixels.
-* Optimiser: Adam, lr 1e-4 (DRAEM), a fresh optimiser per task with the weights (and BatchNorm
-  statistics) carried over; DRAEM's MultiStepLR (x0.2 at 80 % and 90 % of the task's epochs).
-  50 epochs per task, batch 4 (+4 replay) as seed 003. No early stopping (DRAEM has none; its loss
-  depends on random simulated anomalies).
+  anomalib's 2 * kornia SSIMLoss is the same). SSIM with an 11x11 Gaussian window (sigma 1.5,
+  C1 = 0.01^2, C2 = 0.03^2, data range 1), ``ssim_padding="zeros"`` as DRAEM's ``SSIM``
+  (``F.conv2d`` zero padding); ``"reflect"`` is kornia's (anomalib's) border, equal in the interior.
+  (DRAEM's SSIM guesses its data range from the reconstruction - 2 when it dips below -0.5, 255 above
+  128 - a quirk not copied.) Focal loss on the softmax of the 2-channel output, gamma = 2, every
+  pixel weighted ``focal_alpha`` = 1, mean over pixels, label smoothing ``focal_smooth`` = 1e-5:
+  DRAEM's ``FocalLoss()`` (alpha None); ``focal_smooth=0`` is kornia's ``focal_loss(alpha=None)``
+  summed and divided by the pixel count. anomalib 2.7.0's ``kornia.losses.FocalLoss(alpha=1)``
+  means something else under kornia >= 0.7.1: class 0 weighted 1 - alpha = 0 and the mean taken over
+  both channels, i.e. half the focal term of the *anomalous* pixels only, normal pixels never
+  contribute. Not followed (tests/test_parity_draem.py).
+* Optimiser: Adam, lr 1e-4 (DRAEM), ``optimizer_state`` reset (default: a fresh optimiser per task,
+  the weights and BatchNorm statistics carried over) or keep (one Adam for the stream, the paper's
+  code); DRAEM's MultiStepLR (x0.2 at 80 % and 90 % of the task's epochs), built per task, so each
+  task starts again at lr 1e-4. (The paper's code builds its scheduler once for the stream: after
+  epoch 45 of the first task every later task trains at 4e-6; not reproduced.) 50 epochs per task,
+  batch 4 (+4 replay) as seed 003. No early stopping (DRAEM has none; its loss depends on random
+  simulated anomalies).
 * Map = softmax anomaly channel of the discriminative output at input size; image score = max of the
-  map mean-filtered with an sf x sf box (DRAEM: sf = 21 at 256 px). ``mean_filter=None`` scales it
+  map mean-filtered with an sf x sf box (seed 003 section 1.6.3, DRAEM: sf = 21 at 256 px; anomalib
+  takes the plain max of the map, which is ``mean_filter=1``). ``mean_filter=None`` scales it
   with the image: sf = the odd integer nearest to 21 * image_size / 256 (at least 1): 19 at 224 px,
   5 at 64 px, 3 at 32 px; the box is zero-padded (``avg_pool2d``, as DRAEM's code).
 """
@@ -43,9 +63,11 @@ from torch import nn
 from clbench.data import Batch
 from clbench.maps import finite_or_raise
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
-from methods.perlin import AnomalySource, synthesize_anomalies
+from methods.perlin import AnomalySource, rotate_normal_images, synthesize_anomalies
 
 DRAEM_SIZE, DRAEM_FILTER = 256, 21
+SSIM_PADDINGS = ("zeros", "reflect")
+ROTATION_STREAM = 1 << 62  # offset of the rotation generator's seed from the simulator's
 
 
 # -- networks (DRAEM's architecture) ------------------------------------------------------------------
@@ -130,13 +152,20 @@ def gaussian_window(size: int = 11, sigma: float = 1.5, device: torch.device | s
     return g[:, None] * g[None, :]
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
-    """Mean SSIM of (B, C, H, W) images, Gaussian window, zero 'same' padding (DRAEM's SSIM)."""
+def ssim_map(
+    a: torch.Tensor, b: torch.Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0, padding: str = "zeros"
+) -> torch.Tensor:
+    """Per-pixel SSIM of (B, C, H, W) images, Gaussian window, 'same' size; ``padding`` "zeros"
+    (DRAEM's ``SSIM``: ``F.conv2d`` zero padding) or "reflect" (kornia's, anomalib's)."""
+    if padding not in SSIM_PADDINGS:
+        raise ValueError(f"ssim: padding '{padding}' is not one of {', '.join(SSIM_PADDINGS)}")
     channels = a.shape[1]
     window = gaussian_window(window_size, sigma, a.device).to(a.dtype).expand(channels, 1, window_size, window_size)
     pad = window_size // 2
 
     def blur(x: torch.Tensor) -> torch.Tensor:
+        if padding == "reflect":
+            return F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), window, groups=channels)
         return F.conv2d(x, window, padding=pad, groups=channels)
 
     mu_a, mu_b = blur(a), blur(b)
@@ -144,15 +173,49 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 11, sigma: float =
     var_b = blur(b * b) - mu_b**2
     cov = blur(a * b) - mu_a * mu_b
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return value.mean()
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 1.0) -> torch.Tensor:
-    """Mean over pixels of -alpha * (1 - p_t)^gamma * log p_t; logits (B, 2, H, W), target (B, H, W)
-    in {0, 1} (gamma = 0, alpha = 1 is the cross-entropy)."""
-    log_p = F.log_softmax(logits, dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)
-    return (-alpha * (1 - log_p.exp()).pow(gamma) * log_p).mean()
+def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0, padding: str = "zeros") -> torch.Tensor:
+    """Mean SSIM of (B, C, H, W) images (see ``ssim_map``)."""
+    return ssim_map(a, b, window_size, sigma, data_range, padding).mean()
+
+
+def focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 1.0, smooth: float = 0.0
+) -> torch.Tensor:
+    """Mean over pixels of -alpha * (1 - p_t)^gamma * log p_t; logits (B, C, H, W), target (B, H, W)
+    class indices (gamma = 0, alpha = 1 is the cross-entropy). ``smooth`` > 0 is DRAEM's label
+    smoothing: p_t <- (1 - s) p_t + s / (C - 1) * (1 - p_t) + s (bounds -log p_t by -log s)."""
+    if smooth <= 0:
+        log_p = F.log_softmax(logits, dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)
+        p_t = log_p.exp()
+    else:
+        p = torch.softmax(logits, dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)
+        p_t = (1 - smooth) * p + smooth / (logits.shape[1] - 1) * (1 - p) + smooth
+        log_p = p_t.log()
+    return (-alpha * (1 - p_t).pow(gamma) * log_p).mean()
+
+
+def draem_loss_terms(
+    images: torch.Tensor,
+    reconstruction: torch.Tensor,
+    logits: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    ssim_weight: float = 1.0,
+    ssim_window: int = 11,
+    ssim_padding: str = "zeros",
+    focal_gamma: float = 2.0,
+    focal_alpha: float = 1.0,
+    focal_smooth: float = 1e-5,
+) -> dict[str, torch.Tensor]:
+    """DRAEM's loss terms: l2, ssim_weight * (1 - SSIM) and focal; masks (B, 1, H, W) in {0, 1}."""
+    return {
+        "l2": F.mse_loss(reconstruction, images),
+        "ssim": ssim_weight * (1 - ssim(reconstruction, images, ssim_window, padding=ssim_padding)),
+        "focal": focal_loss(logits, masks.squeeze(1), focal_gamma, focal_alpha, focal_smooth),
+    }
 
 
 def draem_filter_size(image_size: int) -> int:
@@ -175,13 +238,18 @@ class DRAEM(AnomalyMethod):
         "ssim_weight": 1.0,
         "ssim_window": 11,
         "focal_gamma": 2.0,
+        "ssim_padding": "zeros",  # DRAEM's; "reflect": kornia's (anomalib's)
         "focal_alpha": 1.0,
+        "focal_smooth": 1e-5,  # DRAEM's FocalLoss label smoothing; 0: plain focal loss
+        "p_rotate": 0.3,  # DRAEM rotates 30 % of the normal training images
+        "rotate_degrees": 90.0,  # by an angle uniform in [-90, 90]
         "mean_filter": None,  # None: 21 at 256 px scaled with the image size (odd)
         "epochs": 50,
         "batch_size": 4,
         "lr": 1e-4,
         "lr_milestones": [0.8, 0.9],  # fractions of the task's epochs (DRAEM)
         "lr_gamma": 0.2,
+        "optimizer_state": "reset",  # reset | keep (see AnomalyMethod.task_optimiser)
     }
 
     def __init__(self, context: MethodContext, **params: Any) -> None:
@@ -190,6 +258,14 @@ class DRAEM(AnomalyMethod):
         for key in ("base_width", "disc_base_width"):
             if not (isinstance(p[key], int) and p[key] > 0):
                 raise ValueError(f"method_params: {key} must be a positive integer, got {p[key]!r}")
+        if p["ssim_padding"] not in SSIM_PADDINGS:
+            raise ValueError(f"method_params: ssim_padding '{p['ssim_padding']}' is not one of {', '.join(SSIM_PADDINGS)}")
+        if not (isinstance(p["p_rotate"], (int, float)) and 0 <= p["p_rotate"] <= 1):
+            raise ValueError(f"method_params: p_rotate must be in [0, 1], got {p['p_rotate']!r}")
+        if not (isinstance(p["rotate_degrees"], (int, float)) and 0 <= p["rotate_degrees"] <= 180):
+            raise ValueError(f"method_params: rotate_degrees must be in [0, 180], got {p['rotate_degrees']!r}")
+        if not (isinstance(p["focal_smooth"], (int, float)) and 0 <= p["focal_smooth"] < 0.5):
+            raise ValueError(f"method_params: focal_smooth must be in [0, 0.5), got {p['focal_smooth']!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
             self.reconstructive = ReconstructiveNetwork(p["base_width"])
@@ -213,10 +289,12 @@ class DRAEM(AnomalyMethod):
 
     def loss(self, images: torch.Tensor, reconstruction: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         p = self.params
-        l2 = F.mse_loss(reconstruction, images)
-        structural = 1 - ssim(reconstruction, images, p["ssim_window"])
-        segmentation = focal_loss(logits, masks.squeeze(1), p["focal_gamma"], p["focal_alpha"])
-        return l2 + p["ssim_weight"] * structural + segmentation
+        terms = draem_loss_terms(
+            images, reconstruction, logits, masks, ssim_weight=p["ssim_weight"], ssim_window=p["ssim_window"],
+            ssim_padding=p["ssim_padding"], focal_gamma=p["focal_gamma"], focal_alpha=p["focal_alpha"],
+            focal_smooth=p["focal_smooth"],
+        )
+        return terms["l2"] + terms["ssim"] + terms["focal"]
 
     def _images(self, batch: Batch) -> torch.Tensor:
         return batch.pixels.to(self.context.device).float() / 255
@@ -225,19 +303,23 @@ class DRAEM(AnomalyMethod):
     def fit_task(self, data: TaskData) -> None:
         p = self.params
         device = self.context.device
-        optimiser = torch.optim.Adam(self.parameters(), lr=p["lr"])
+        optimiser = self.task_optimiser(lambda: torch.optim.Adam(self.parameters(), lr=p["lr"]))
         epochs = self.num_epochs(p["epochs"])
         milestones = sorted({int(f * epochs) for f in p["lr_milestones"]} - {0})
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=milestones, gamma=p["lr_gamma"])
         first_loss = last_loss = math.nan
-        anomalous = synthetic = 0.0
+        anomalous = synthetic = rotated = 0.0
         n_images = 0
         for epoch in range(epochs):
             self.train()
             total, count = 0.0, 0
             for index, batch in enumerate(data.train.batches(p["batch_size"], shuffle=True, seed=data.seed * 1000 + epoch)):
-                generator = torch.Generator().manual_seed(data.seed * 1_000_003 + epoch * 100_003 + index)
-                clean = batch.pixels.float() / 255
+                seed = data.seed * 1_000_003 + epoch * 100_003 + index
+                pixels, angles = rotate_normal_images(
+                    batch.pixels, torch.Generator().manual_seed(ROTATION_STREAM + seed), p=p["p_rotate"], degrees=p["rotate_degrees"]
+                )
+                generator = torch.Generator().manual_seed(seed)
+                clean = pixels.float() / 255
                 augmented, masks = synthesize_anomalies(
                     clean, self.source, generator, p_anomalous=p["p_anomalous"], beta=tuple(p["beta"]),
                     threshold=p["perlin_threshold"], min_scale=p["perlin_min_scale"], max_scale=p["perlin_max_scale"],
@@ -254,6 +336,7 @@ class DRAEM(AnomalyMethod):
                 count += len(batch)
                 anomalous += float((masks.flatten(1).amax(1) > 0).sum())
                 synthetic += float(masks.mean()) * len(batch)
+                rotated += float((~angles.isnan()).sum())
                 n_images += len(batch)
             scheduler.step()
             last_loss = total / count
@@ -266,6 +349,7 @@ class DRAEM(AnomalyMethod):
             "anomaly_source_images": float(len(self.source.paths)),
             "synthetic_anomalous_fraction": anomalous / max(n_images, 1),  # images with a non-empty mask
             "synthetic_mask_fraction": synthetic / max(n_images, 1),  # mean masked pixel fraction
+            "rotated_fraction": rotated / max(n_images, 1),  # normal images rotated before the simulation
         }
 
     # -- scoring ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""DRAEM's anomaly simulator: Perlin-noise masks, anomaly-source textures and their blending.
+"""DRAEM's anomaly simulator: Perlin-noise masks, anomaly-source textures and their blending, and
+DRAEM's rotation of the normal training images.
 
 Everything draws from an explicit ``torch.Generator`` (CPU), so the same seed gives the same masks,
 textures and blends on any device, and a resumed run reproduces the uninterrupted one.
@@ -6,20 +7,28 @@ textures and blends on any device, and a resumed run reproduces the uninterrupte
 * ``perlin_noise`` - 2-D gradient (Perlin) noise with the quintic fade 6t^5 - 15t^4 + 10t^3, values
   in about [-1, 1], on a grid of ``res`` lattice cells (Perlin, "Improving noise", 2002).
 * ``perlin_mask`` - DRAEM's mask: noise at 2^a x 2^b lattice cells (a, b uniform integers in
-  [min_scale, max_scale]), rotated by a uniform angle in [-90, 90] degrees, thresholded at 0.5.
-  DRAEM draws a, b in [0, 6] at 256 px (smallest cell: 4 px). Here ``max_scale=None`` keeps that
-  smallest cell of 4 px at any resolution: max_scale = min(6, log2(nextpow2(size)) - 2), i.e. 6 at
-  256 px, 4 at 64 px, 3 at 32 px. (A 1-px cell would be all zeros: Perlin noise vanishes on the
-  lattice.) The noise is generated at the next power of two and cropped, as DRAEM.
+  [min_scale, max_scale], ``perlin_scales``), rotated by a uniform angle in [-90, 90] degrees,
+  thresholded at 0.5. DRAEM's code (and the benchmark paper's copy, and anomalib) draws
+  ``torch.randint(0, 6)``: a, b in [0, 5] at 256 px (the bound 6 is exclusive), so the finest
+  lattice has 32 cells of 8 px. Here ``max_scale=None`` keeps that finest cell of 8 px at any
+  resolution: max_scale = min(5, log2(nextpow2(size)) - 3), i.e. 5 at 256 px, 3 at 64 px, 2 at
+  32 px. The noise is generated at the next power of two and cropped, as DRAEM.
+* ``rotate_normal_images`` - DRAEM's ``MVTecDRAEMTrainDataset`` rotates 30 % of the *normal*
+  training images (``torch.rand(1) > 0.7``, imgaug ``Affine(rotate=(-90, 90))``) before the anomaly
+  is simulated, so the rotated image is also the reconstruction target. Bilinear, about the image
+  centre, corners filled with 0 (black): imgaug's ``Affine`` defaults (order 1, mode constant,
+  cval 0), on uint8 pixels with the result rounded back to uint8 as imgaug returns it.
 * ``AnomalySource`` - the anomaly-source set A: images of a folder (DTD in the paper), resized to the
   training resolution, or, with no folder, a deterministic *procedural* texture (coloured fractal
   Perlin noise, stripes, a checkerboard, or two-colour Perlin blobs, with random colours, scales and
-  angles). Each drawn texture then gets 3 distinct random transforms out of DRAEM's list (gamma
-  contrast, brightness multiply/add, per-channel colour shift, solarize, posterize, invert,
-  autocontrast, equalize, rotation), implemented here in torch (DRAEM uses imgaug).
+  angles). Each drawn texture then gets 3 distinct random transforms out of DRAEM's list of 10
+  (gamma contrast, brightness multiply/add, sharpness, hue/saturation (approximated by a
+  per-channel colour shift), solarize with p 0.5, posterize 1-8 bits, invert, autocontrast,
+  equalize, rotation by +-45 degrees), implemented here in torch (DRAEM uses imgaug).
 * ``synthesize_anomalies`` - DRAEM's blend: with probability ``p_anomalous`` an image gets a mask M
   and a texture A, and I_a = (1 - M) * I + (1 - beta) * M * I + beta * M * A with beta uniform in
-  [0.1, 1.0) (DRAEM paper: the opacity of the texture); otherwise I_a = I and M = 0.
+  [0.1, 1.0) (DRAEM paper and anomalib: the opacity of the texture; DRAEM's code draws the texture
+  opacity in (0.2, 1.0]: pass ``beta=(0.2, 1.0)`` for that); otherwise I_a = I and M = 0.
 """
 from __future__ import annotations
 
@@ -34,8 +43,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-DRAEM_MAX_SCALE = 6  # 2^6 lattice cells at 256 px
-MIN_CELL_PIXELS = 4  # DRAEM's finest cell: 256 / 2^6
+DRAEM_MAX_SCALE = 5  # 2^5 lattice cells at 256 px (DRAEM: torch.randint(0, 6), exclusive bound)
+MIN_CELL_PIXELS = 8  # DRAEM's finest cell: 256 / 2^5
 
 
 # -- random helpers (all through an explicit generator) ---------------------------------------------
@@ -124,9 +133,44 @@ def _rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False).squeeze(0)
 
 
+def rotate_normal_images(
+    pixels: torch.Tensor, generator: torch.Generator, *, p: float = 0.3, degrees: float = 90.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DRAEM's rotation of normal training images: each of the (B, C, H, W) uint8 images is rotated
+    with probability ``p`` by an angle uniform in [-degrees, degrees] (counter-clockwise positive,
+    as torchvision's ``rotate``), bilinear, corners black, rounded back to uint8.
+
+    Returns the images and the angles (B,), NaN where an image was left as it is. ``p == 0`` draws
+    nothing from the generator and returns the input unchanged.
+    """
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"rotate_normal_images: uint8 pixels expected, got {pixels.dtype}")
+    if pixels.shape[-1] != pixels.shape[-2]:
+        raise ValueError(f"rotate_normal_images: square images expected, got {tuple(pixels.shape[-2:])}")
+    angles = torch.full((pixels.shape[0],), math.nan)
+    if p <= 0:
+        return pixels, angles
+    out = pixels.clone()
+    with single_thread():
+        for i in range(pixels.shape[0]):
+            if not _coin(generator, p):
+                continue
+            angles[i] = float(_uniform(generator, -degrees, degrees))
+            out[i] = _rotate(pixels[i].float(), float(angles[i])).round().clamp(0, 255).to(torch.uint8)
+    return out, angles
+
+
 def default_max_scale(size: int) -> int:
-    """Largest lattice exponent whose cells stay >= 4 px (DRAEM's 6 at 256 px)."""
+    """Largest lattice exponent whose cells stay >= 8 px (DRAEM's 5 at 256 px)."""
     return int(min(DRAEM_MAX_SCALE, max(0, round(math.log2(next_pow2(size) / MIN_CELL_PIXELS)))))
+
+
+def perlin_scales(size: int, generator: torch.Generator, *, min_scale: int = 0, max_scale: int | None = None) -> tuple[int, int]:
+    """The mask's lattice (rows, cols): 2^a, 2^b with a, b uniform in [min_scale, max_scale]."""
+    n = next_pow2(size)
+    top = default_max_scale(size) if max_scale is None else min(int(max_scale), int(math.log2(n)))
+    low = min(int(min_scale), top)
+    return 2 ** _randint(generator, low, top), 2 ** _randint(generator, low, top)
 
 
 def perlin_mask(
@@ -140,10 +184,7 @@ def perlin_mask(
 ) -> torch.Tensor:
     """DRAEM's binary anomaly mask (size, size), bool: thresholded, rotated Perlin noise."""
     n = next_pow2(size)
-    top = default_max_scale(size) if max_scale is None else min(int(max_scale), int(math.log2(n)))
-    low = min(int(min_scale), top)
-    res_y = 2 ** _randint(generator, low, top)
-    res_x = 2 ** _randint(generator, low, top)
+    res_y, res_x = perlin_scales(size, generator, min_scale=min_scale, max_scale=max_scale)
     noise = perlin_noise((n, n), (res_y, res_x), generator)
     if rotate:
         noise = _rotate(noise.unsqueeze(0), float(_uniform(generator, -90.0, 90.0))).squeeze(0)
@@ -203,17 +244,34 @@ def _brightness(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x * float(_uniform(g, 0.8, 1.2)) + float(_uniform(g, -30.0, 30.0)) / 255
 
 
+def _sharpness(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """imgaug's ``pillike.EnhanceSharpness()`` (PIL ``ImageEnhance.Sharpness``), factor U[0, 2]:
+    blend of PIL's SMOOTH-filtered image (3x3 kernel [1 1 1; 1 5 1; 1 1 1] / 13, border pixels
+    kept) and the image."""
+    factor = float(_uniform(g, 0.0, 2.0))
+    kernel = torch.ones(3, 3)
+    kernel[1, 1] = 5.0
+    kernel = (kernel / 13).expand(x.shape[0], 1, 3, 3)
+    smooth = x.clone()
+    smooth[:, 1:-1, 1:-1] = F.conv2d(x.unsqueeze(0), kernel, groups=x.shape[0]).squeeze(0)
+    return smooth + factor * (x - smooth)
+
+
 def _colour_shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:  # stands in for hue/saturation
     return x + _uniform(g, -50.0, 50.0, (3, 1, 1)) / 255
 
 
 def _solarize(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """imgaug's ``Solarize(0.5, threshold=(32, 128))``: with probability 0.5 invert values >= threshold."""
     threshold = float(_uniform(g, 32.0, 128.0)) / 255
-    return torch.where(x > threshold, 1 - x, x)
+    if not _coin(g, 0.5):
+        return x
+    return torch.where(x >= threshold, 1 - x, x)
 
 
 def _posterize(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    step = 2 ** (8 - _randint(g, 1, 7))
+    """imgaug's ``Posterize()``: keep 1 to 8 bits."""
+    step = 2 ** (8 - _randint(g, 1, 8))
     return torch.floor(x * 255 / step) * step / 255
 
 
@@ -244,8 +302,9 @@ def _rotate_texture(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 SOURCE_AUGMENTATIONS: tuple[Callable[[torch.Tensor, torch.Generator], torch.Tensor], ...] = (
-    _gamma, _brightness, _colour_shift, _solarize, _posterize, _invert, _autocontrast, _equalize, _rotate_texture,
-)
+    _gamma, _brightness, _sharpness, _colour_shift, _solarize, _posterize, _invert, _autocontrast, _equalize,
+    _rotate_texture,
+)  # DRAEM's 10 augmenters, in its order
 
 
 def augment_texture(texture: torch.Tensor, generator: torch.Generator, count: int = 3) -> torch.Tensor:
@@ -334,5 +393,5 @@ def synthesize_anomalies(
 
 __all__ = [
     "AnomalySource", "single_thread", "augment_texture", "default_max_scale", "fractal_noise", "next_pow2", "perlin_mask",
-    "perlin_noise", "procedural_texture", "synthesize_anomalies",
+    "perlin_noise", "perlin_scales", "procedural_texture", "rotate_normal_images", "synthesize_anomalies",
 ]

@@ -1,9 +1,11 @@
-"""DRAEM: Perlin masks are binary, seeded and non-empty on average; the simulator blends as DRAEM;
-focal loss and SSIM match reference computations; training lowers the loss, maps are finite at
-input size; state round trip; seeded augmentations; runs under sequential, replay and joint."""
+"""DRAEM: Perlin masks are binary, seeded, non-empty on average, at DRAEM's lattice scales; the
+simulator blends as DRAEM; DRAEM's rotation of 30 % of the normal images (real rotations, before
+the simulation, off with p_rotate=0); sharpness as PIL's; training lowers the loss, maps are finite
+at input size; state round trip; seeded augmentations; optimizer_state keep; runs under
+sequential, replay and joint. (Loss terms and outputs vs anomalib, kornia and DRAEM's code:
+tests/test_parity_draem.py.)"""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,12 @@ from PIL import Image
 from clbench.backbones import BackbonePool
 from clbench.data import ImageStore, SampleSet, load_category
 from methods.base import MethodContext, TaskData
-from methods.draem import DRAEM, draem_filter_size, focal_loss, gaussian_window, ssim
-from methods.perlin import AnomalySource, default_max_scale, perlin_mask, procedural_texture, synthesize_anomalies
+import methods.draem as draem_module
+from methods.draem import DRAEM, draem_filter_size
+from methods.perlin import (
+    AnomalySource, SOURCE_AUGMENTATIONS, default_max_scale, perlin_mask, perlin_scales, procedural_texture,
+    rotate_normal_images, synthesize_anomalies,
+)
 from conftest import STRATEGY_CASES, engine_run
 
 SMALL = {"base_width": 4, "disc_base_width": 4}
@@ -43,7 +49,37 @@ def test_perlin_masks_are_binary_seeded_and_non_empty_on_average() -> None:
     assert not all(torch.equal(masks[0], m) for m in masks[1:])  # seeds differ
     fractions = masks.float().mean(dim=(1, 2))
     assert (fractions > 0).float().mean() > 0.5 and 0.005 < fractions.mean() < 0.5
-    assert default_max_scale(256) == 6 and default_max_scale(64) == 4 and default_max_scale(32) == 3
+    assert default_max_scale(256) == 5 and default_max_scale(64) == 3 and default_max_scale(32) == 2
+
+
+def test_perlin_lattice_scales_are_draems() -> None:
+    """DRAEM (and the benchmark paper's copy, and anomalib) draw each lattice exponent with
+    ``torch.randint(0, 6, (1,))``: 0..5, the bound is exclusive (the old code drew 0..6)."""
+    exponents = []
+    for seed in range(60):
+        reference = generator(seed)
+        draem_x = 2 ** int(torch.randint(0, 6, (1,), generator=reference))
+        draem_y = 2 ** int(torch.randint(0, 6, (1,), generator=reference))
+        assert perlin_scales(256, generator(seed)) == (draem_x, draem_y)
+        exponents += [draem_x.bit_length() - 1, draem_y.bit_length() - 1]
+    assert set(exponents) == set(range(6))
+    # smaller images keep DRAEM's finest cell of 8 px: 64 px -> at most 2^3 cells
+    assert max(max(perlin_scales(64, generator(seed))) for seed in range(60)) == 8
+
+
+def test_sharpness_augmentation_is_pils() -> None:
+    """imgaug's pillike.EnhanceSharpness = PIL ImageEnhance.Sharpness, factor U[0, 2]."""
+    from PIL import ImageEnhance
+
+    sharpness = next(f for f in SOURCE_AUGMENTATIONS if f.__name__ == "_sharpness")
+    assert len(SOURCE_AUGMENTATIONS) == 10  # DRAEM's list
+    pixels = torch.randint(0, 256, (3, 12, 10), generator=generator(0), dtype=torch.uint8)
+    out = sharpness(pixels.float() / 255, generator(4)).clamp(0, 1)
+    factor = float(torch.rand((), generator=generator(4)) * 2)
+    pil = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    expected = torch.from_numpy(np.array(ImageEnhance.Sharpness(pil).enhance(factor))).permute(2, 0, 1).float() / 255
+    assert (out - expected).abs().max() <= 2.5 / 255  # PIL rounds its smoothed image to uint8
+    assert (out - pixels.float() / 255).abs().max() > 10 / 255
 
 
 def test_simulator_blends_as_draem_and_is_seeded(tmp_path: Path) -> None:
@@ -74,38 +110,96 @@ def test_simulator_blends_as_draem_and_is_seeded(tmp_path: Path) -> None:
         AnomalySource(tmp_path / "missing", 32)
 
 
-# -- losses --------------------------------------------------------------------------------------
-def test_focal_loss_matches_reference() -> None:
-    logits = torch.randn(2, 2, 3, 4)
-    target = torch.randint(0, 2, (2, 3, 4))
-    assert float(focal_loss(logits, target, gamma=0.0)) == pytest.approx(float(F.cross_entropy(logits, target)), rel=1e-6)
-    expected = 0.0
-    p = torch.softmax(logits, dim=1)
-    for b, y, x in np.ndindex(2, 3, 4):
-        p_t = float(p[b, target[b, y, x], y, x])
-        expected += -0.25 * (1 - p_t) ** 2 * math.log(p_t)
-    assert float(focal_loss(logits, target, gamma=2.0, alpha=0.25)) == pytest.approx(expected / 24, rel=1e-5)
+# -- DRAEM's rotation of the normal training images ----------------------------------------------
+def test_rotate_normal_images_rotates_30_percent_by_real_rotations() -> None:
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    pixels = torch.randint(50, 256, (600, 3, 16, 16), generator=generator(0), dtype=torch.uint8)
+    rotated, angles = rotate_normal_images(pixels, generator(1))
+    again, angles_again = rotate_normal_images(pixels, generator(1))
+    assert torch.equal(rotated, again) and torch.equal(angles.nan_to_num(999), angles_again.nan_to_num(999))
+    done = ~angles.isnan()
+    assert 0.26 < float(done.float().mean()) < 0.34  # DRAEM: torch.rand(1) > 0.7
+    assert torch.equal(rotated[~done], pixels[~done])
+    assert angles[done].abs().max() <= 90 and angles[done].min() < -75 and angles[done].max() > 75
+    for i in done.nonzero().flatten()[:40].tolist():  # torchvision's bilinear rotation, uint8 rounding
+        expected = TF.rotate(pixels[i], float(angles[i]), interpolation=InterpolationMode.BILINEAR)
+        assert (rotated[i].int() - expected.int()).abs().max() <= 1
+        if 20 < abs(float(angles[i])) < 70:  # corners filled with black (imgaug's cval 0)
+            assert (rotated[i][:, [0, 0, -1, -1], [0, -1, 0, -1]] == 0).all()
+    # p = 0: nothing drawn, nothing changed
+    g = generator(2)
+    state = g.get_state()
+    same, none = rotate_normal_images(pixels[:5], g, p=0.0)
+    assert same is pixels[:5] or torch.equal(same, pixels[:5])
+    assert none.isnan().all() and torch.equal(g.get_state(), state)
 
 
-def test_ssim_matches_reference() -> None:
-    a = torch.rand(1, 2, 9, 8, dtype=torch.float64)
-    b = (a + 0.2 * torch.randn_like(a)).clamp(0, 1)
-    assert float(ssim(a, a)) == pytest.approx(1.0, abs=1e-12)
-    # reference: per-pixel Gaussian-weighted statistics over a zero-padded 5x5 window
-    w = gaussian_window(5, 1.5).double()
-    pa, pb = F.pad(a, (2, 2, 2, 2)), F.pad(b, (2, 2, 2, 2))
-    values = []
-    for c, y, x in np.ndindex(2, 9, 8):
-        u, v = pa[0, c, y : y + 5, x : x + 5], pb[0, c, y : y + 5, x : x + 5]
-        mu_u, mu_v = (w * u).sum(), (w * v).sum()
-        var_u = (w * u * u).sum() - mu_u**2
-        var_v = (w * v * v).sum() - mu_v**2
-        cov = (w * u * v).sum() - mu_u * mu_v
-        c1, c2 = 0.01**2, 0.03**2
-        values.append(((2 * mu_u * mu_v + c1) * (2 * cov + c2)) / ((mu_u**2 + mu_v**2 + c1) * (var_u + var_v + c2)))
-    assert float(ssim(a, b, window_size=5)) == pytest.approx(float(torch.stack(values).mean()), rel=1e-9)
-    assert float(ssim(a, b)) < 1.0
-    assert [draem_filter_size(s) for s in (32, 64, 224, 256)] == [3, 5, 19, 21]
+def _recording_fit(monkeypatch, data: TaskData, **params) -> tuple[DRAEM, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """Fit, recording each batch's simulator input and masks, and the reconstruction target."""
+    synthesized: list[tuple[torch.Tensor, torch.Tensor]] = []
+    targets: list[torch.Tensor] = []
+    real = draem_module.synthesize_anomalies
+
+    def synthesize(images, *args, **kwargs):
+        augmented, masks = real(images, *args, **kwargs)
+        synthesized.append((images.clone(), masks.clone()))
+        return augmented, masks
+
+    monkeypatch.setattr(draem_module, "synthesize_anomalies", synthesize)
+    model = make_draem(max_epochs=2, **params)
+    loss = model.loss
+
+    def recording_loss(images, *args):
+        targets.append(images.detach().clone())
+        return loss(images, *args)
+
+    monkeypatch.setattr(model, "loss", recording_loss)
+    model.fit_task(data)
+    return model, synthesized, targets
+
+
+def test_training_rotates_normal_images_before_the_simulation(synthetic_root: Path, monkeypatch) -> None:
+    name = sorted(p.name for p in synthetic_root.iterdir())[0]
+    category = load_category(synthetic_root, name, val_fraction=0.0)
+    store = ImageStore(32)
+    data = TaskData(0, (name,), SampleSet(category.train, store), SampleSet((), store), seed=3)
+    originals = {store.image(s).numpy().tobytes() for s in category.train}
+
+    def is_original(image: torch.Tensor) -> bool:
+        return (image * 255).round().to(torch.uint8).numpy().tobytes() in originals
+
+    model, synthesized, targets = _recording_fit(monkeypatch, data)  # defaults: p_rotate 0.3
+    inputs = torch.cat([images for images, _ in synthesized])
+    assert torch.equal(torch.cat(targets), inputs)  # the rotated image is also the reconstruction target
+    rotated = sum(not is_original(image) for image in inputs)
+    assert 0 < rotated < len(inputs)  # fails on the old code: it never rotated
+    assert model.fit_info["rotated_fraction"] == pytest.approx(rotated / len(inputs))
+
+    _, plain, plain_targets = _recording_fit(monkeypatch, data, p_rotate=0.0)
+    assert all(is_original(image) for images, _ in plain for image in images)
+    assert torch.equal(torch.cat(plain_targets), torch.cat([images for images, _ in plain]))
+    # the rotation has its own random stream: the simulated masks are the same with or without it
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(synthesized, plain))
+
+
+def test_optimizer_state_keep_carries_adam_across_tasks(synthetic_root: Path) -> None:
+    name = sorted(p.name for p in synthetic_root.iterdir())[0]
+    category = load_category(synthetic_root, name, val_fraction=0.0)
+    store = ImageStore(32)
+    data = TaskData(0, (name,), SampleSet(category.train, store), SampleSet((), store), seed=1)
+    steps_per_task = -(-len(category.train) // 4)
+    kept = make_draem(max_epochs=1, optimizer_state="keep")
+    kept.fit_task(data)
+    assert int(kept.training_state()["optimizer"]["state"][0]["step"]) == steps_per_task
+    kept.fit_task(data)
+    assert int(kept.training_state()["optimizer"]["state"][0]["step"]) == 2 * steps_per_task
+    reset = make_draem(max_epochs=1)
+    reset.fit_task(data)
+    assert reset.training_state() == {}
+    with pytest.raises(ValueError, match="optimizer_state 'sometimes'"):
+        make_draem(optimizer_state="sometimes")
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -139,6 +233,7 @@ def test_short_training_lowers_loss_gives_finite_maps_and_round_trips(synthetic_
 
 
 def test_non_multiple_of_32_sizes_are_padded() -> None:
+    assert [draem_filter_size(s) for s in (32, 64, 224, 256)] == [3, 5, 19, 21]
     model = make_draem(image_size=40)
     model.eval()
     reconstruction, logits = model(torch.rand(2, 3, 40, 40))
