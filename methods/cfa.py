@@ -1,40 +1,73 @@
 """CFA, continual: coupled-hypersphere feature adaptation with an averaged memory bank (seed 003,
-section 1.3, Algorithm 3; Lee et al. 2022).
+section 1.3, Algorithm 3; Lee et al. 2022, code github.com/sungwool/CFA_for_anomaly_localization).
 
 Features: a frozen backbone (default Wide-ResNet50-2, layers 1-3: 256 + 512 + 1024 = 1792 dims on a
 56x56 grid at 224 px) through the run's shared feature cache. The trainable *patch descriptor* (CFA's
 ``Descriptor``): every layer 3x3 average-pooled (stride 1), upsampled (bilinear) to the first layer's
-grid and concatenated; CoordConv (two channels of normalised x / y coordinates in [-1, 1]) and a 1x1
-convolution to ``dims // gamma_d`` channels.
+grid and concatenated; CoordConv (two channels of normalised row / column coordinates in [-1, 1])
+and a 1x1 convolution to ``dims // gamma_d`` channels. Layer outputs are timm's (after the block's
+ReLU), as anomalib's torchvision extractor; CFA's and the paper's code's own ResNet return
+leaky_relu (slope 0.01) of the pre-activation instead (negative parts x 0.01): not reproduced.
+
+CoordConv and seed 003's "6.4 million trainable weights": CFA's ``CoordConv2d`` (copied by the
+benchmark paper's code and by anomalib) *subclasses* ``nn.Conv2d`` (a D -> d 1x1 conv: weight and
+bias) and *also* builds an inner ``self.conv`` / ``self.conv2d`` (D + 2 -> d); ``forward`` uses only
+the inner one, so the outer half of the parameters is dead (never used, never gets a gradient). For
+WRN50-2: outer 1792*1792 + 1792 = 3.21M, inner 1794*1792 + 1792 = 3.22M; seed 003 counts both
+(6.4M), clbench builds only the used conv (3.2M). Same model, same outputs: ``descriptor.conv`` is
+anomalib's ``descriptor.layer.conv2d`` (tests/test_parity_cfa.py maps it and fills the dead outer
+weights with NaN to prove they are unused).
 
 Memory bank C: one memorised feature per patch position, (P, d) with P = h*w of the first grid
-(gamma_c = 1, no k-means compression: the paper's setting). Continual update (Algorithm 3): before
-training on step i (0-based), the step's bank C_i is the mean of the descriptor's output over the
-step's *current* good training images (CFA's ``_init_centroid``, at the current descriptor), and
+(gamma_c = 1, no k-means compression: the paper's setting). Before training on step i (0-based), the
+step's bank C_i is the mean of the descriptor's output over the step's *own* good training images
+(CFA's ``_init_centroid``, anomalib's ``initialize_centroid``, at the current descriptor). C_i is an
+exact per-image mean (CFA and anomalib average batch means: identical when every batch is full).
+Under replay the B+B batches' replayed images are left out of C_i (a replayed image's key names its
+own category; the paper's code also builds C_i from the current task's loader only); joint learns
+one bank of all tasks at step 0. ``weighting`` merges C_i into C:
 
-    C <- C * i / (i + 1) + C_i / (i + 1).
-
-C_i is an exact per-image mean (batch means merged with their sizes; CFA averages batch means,
-identical when all batches are full). Under replay, the B+B batches' replayed images are left out of
-C_i (a replayed image's key names its own category), so C_i models task i alone; joint learns one
-bank of all tasks at step 0.
+* ``task`` (default, seed 003 Algorithm 3 as written): C <- C * i / (i + 1) + C_i / (i + 1), every
+  task weighs the same.
+* ``batch`` (the benchmark paper's code, ``src/models/cfa.py`` ``DSVDD._update_centroid``): one
+  running mean over *all batches seen so far*, D <- (D * j + mean(batch)) / (j + 1) with j counting
+  batches across tasks (``total_num_batches``), so a task weighs by its batch count n_i:
+  C <- (C * n + C_i * n_i) / (n + n_i), n = batches of earlier tasks. n_i = floor(images / batch)
+  (its loader has ``drop_last=True``), at least 1; the count is the ``bank_batches`` buffer (resume).
+  Which images the paper's shuffled ``drop_last`` loader leaves out of C_i is random; clbench keeps
+  all of them in C_i (the per-image mean) and uses the paper's batch count as the weight.
+Earlier tasks' contributions are not recomputed with the newer descriptor (as in the paper's code).
 
 Loss (soft boundary, seed 003 L_CFA; CFA's ``_soft_boundary``), with D the *squared* Euclidean
 distance of a descriptor feature to memorised features, sorted increasingly:
 
     L = 1/nu * ( mean_{t, k<=K} max(0, D_k - r^2) + mean_{t, j<=J} max(0, r^2 - D_{K+j} - alpha) )
 
-K = J = 3, alpha = 0.1, 1/nu = 1000 (CFA's nu = 1e-3; anomalib's "* 1000"). The radius r is a
-*learnable* parameter initialised at 1e-5 (CFA's ``nn.Parameter``, trained with the descriptor; in
-anomalib it is a constant tensor the optimiser never sees); ``learn_radius=False`` freezes it.
-Optimiser: AdamW, lr 1e-3, weight decay 5e-4, amsgrad (CFA and anomalib), fresh per task, descriptor
-and r carried over. 30 epochs, batch 4 (+4 replay) as seed 003; early stopping on the CFA loss of the
-held-out *good training* images (never the test set), patience 10, best weights restored.
+K = J = 3, alpha = 0.1, 1/nu = 1000 (CFA's nu = 1e-3; anomalib's "* 1000"). Repulsion takes the
+(K+1)..(K+J)-th nearest (seed 003's formula); CFA, the paper's code and anomalib slice ``[J:]`` of
+the K+J nearest, the same set when K = J (the only setting any of them uses).
+
+Radius r: *learnable*, initialised at 1e-5 and trained with the descriptor (``learn_radius``, default
+True). Seed 003 §1.3.1: CFA "optimize[s] the hypersphere radius and center"; CFA's code and the
+benchmark paper's code make r an ``nn.Parameter`` inside the optimised module. anomalib 2.7.0 keeps r
+a constant (``torch.ones(1, requires_grad=True) * radius`` is not a Parameter, the optimiser never
+sees it): ``learn_radius=False`` is anomalib's behaviour (the parity test runs it that way).
+
+Optimiser: AdamW, lr 1e-3, weight decay 5e-4, amsgrad (CFA, the paper's code and anomalib);
+``optimizer_state`` reset (default: fresh per task) | keep (one for the stream, as the paper's code
+builds it once in ``Trainer_cfa.__init__``). Descriptor and r carried over from task to task.
+Schedule: 30 epochs, batch 4 (+4 replay), *no early stopping* (seed 003 §1.3.4 gives 30 epochs and,
+unlike for STFPM and EfficientAD, no early stopping; CFA's code runs 30 epochs). ``patience=N`` turns
+on early stopping on the CFA loss of the held-out *good training* images (never the test set) with
+the best weights restored. (The paper's code: 50 epochs, early stopping on the *test set's* pixel F1,
+patience 7, without restoring; CFA's code reports the best epoch on the test set: neither is
+reproduced.)
 
 Score (CFA / anomalib ``compute_score``): Euclidean distances d_1 <= ... <= d_K to the K nearest
 memorised features, score = softmin(d_1..d_K)[0] * d_1 per patch; upsampled (bilinear) to the input
 size, Gaussian-smoothed (sigma 4); image score = max of the map. Nearest neighbours are computed with
 an exact torch matmul (the loss needs gradients through them, and the bank has only P rows).
+tests/test_parity_cfa.py checks bank, maps, scores, loss and one optimiser step against anomalib.
 """
 from __future__ import annotations
 
@@ -49,6 +82,8 @@ from clbench.data import Batch
 from clbench.maps import finite_or_raise, gaussian_blur, upsample
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
 from methods.training import fit_epochs
+
+WEIGHTINGS = ("task", "batch")
 
 
 class PatchDescriptor(nn.Module):
@@ -115,18 +150,22 @@ class CFA(AnomalyMethod):
         "alpha": 0.1,
         "nu": 1e-3,
         "radius": 1e-5,
-        "learn_radius": True,
+        "learn_radius": True,  # CFA / the paper's code train r; anomalib keeps it constant (False)
+        "weighting": "task",  # task (seed 003 Algorithm 3) | batch (the paper's code)
         "epochs": 30,
         "batch_size": 4,
         "lr": 1e-3,
         "weight_decay": 5e-4,
-        "patience": 10,  # None: no early stopping
+        "patience": None,  # seed 003: 30 epochs, no early stopping; N: held-out early stopping
         "sigma": 4.0,
+        "optimizer_state": "reset",  # reset | keep
     }
 
     def __init__(self, context: MethodContext, **params: Any) -> None:
         super().__init__(context, **params)
         p = self.params
+        if p["weighting"] not in WEIGHTINGS:
+            raise ValueError(f"method_params: weighting '{p['weighting']}' is not one of {', '.join(WEIGHTINGS)}")
         self.backbone = context.backbones.get(p["backbone"], p["layers"])
         in_dims = sum(self.backbone.channels)
         if not (isinstance(p["gamma_d"], int) and 1 <= p["gamma_d"] <= in_dims):
@@ -137,6 +176,7 @@ class CFA(AnomalyMethod):
         self.radius = nn.Parameter(torch.full((1,), float(p["radius"])), requires_grad=bool(p["learn_radius"]))
         self.register_buffer("memory_bank", torch.empty(0))  # (P, d), the method's state
         self.register_buffer("n_tasks", torch.zeros((), dtype=torch.long))
+        self.register_buffer("bank_batches", torch.zeros((), dtype=torch.long))  # weighting: batch
 
     def frozen_backbones(self):
         return [self.backbone]
@@ -153,10 +193,11 @@ class CFA(AnomalyMethod):
         distances = squared_distances(self.describe(batch), self.memory_bank)
         return cfa_loss(distances, self.radius, p["k"], p["j"], p["alpha"], p["nu"])
 
-    # -- memory bank (Algorithm 3) ----------------------------------------------------------------
+    # -- memory bank (Algorithm 3, or the paper's code's batch weighting) ------------------------
     @torch.no_grad()
-    def task_bank(self, data: TaskData) -> torch.Tensor:
-        """Mean descriptor feature per patch position over the step's own training images."""
+    def task_bank(self, data: TaskData) -> tuple[torch.Tensor, int]:
+        """Mean descriptor feature per patch position over the step's own training images, and
+        their batch count as the paper's code's ``drop_last`` loader makes it (at least 1)."""
         tasks = set(data.task_names)
         total, count = None, 0
         for batch in data.train.batches(self.params["batch_size"]):
@@ -170,29 +211,45 @@ class CFA(AnomalyMethod):
             count += len(batch)
         if total is None:
             raise ValueError(f"CFA: no training images for tasks {data.task_names}")
-        return total / count
+        return total / count, max(1, count // self.params["batch_size"])
 
     @torch.no_grad()
-    def update_bank(self, bank_t: torch.Tensor) -> None:
+    def update_bank(self, bank_t: torch.Tensor, batches: int) -> None:
+        """Merge the step's bank into C (``weighting``: per task, or per batch as the paper's code)."""
         needed = self.params["k"] + self.params["j"]
         if bank_t.shape[0] < needed:
             raise ValueError(f"CFA: the bank has {bank_t.shape[0]} patch positions, k + j = {needed} needed (larger images)")
-        i = int(self.n_tasks.item())
-        self.memory_bank = bank_t.clone() if i == 0 else self.memory_bank * (i / (i + 1)) + bank_t / (i + 1)
+        i, seen = int(self.n_tasks.item()), int(self.bank_batches.item())
+        if i == 0:
+            self.memory_bank = bank_t.clone()
+        elif self.params["weighting"] == "task":
+            self.memory_bank = self.memory_bank * (i / (i + 1)) + bank_t / (i + 1)
+        else:
+            self.memory_bank = self.memory_bank * (seen / (seen + batches)) + bank_t * (batches / (seen + batches))
         self.n_tasks.fill_(i + 1)
+        self.bank_batches.fill_(seen + batches)
 
     # -- learning ------------------------------------------------------------------------------
+    def build_optimiser(self) -> torch.optim.Optimizer:
+        """AdamW over the descriptor (and r if learnable), CFA's / anomalib's settings."""
+        p = self.params
+        trainable = [q for q in self.parameters() if q.requires_grad]
+        return torch.optim.AdamW(trainable, lr=p["lr"], weight_decay=p["weight_decay"], amsgrad=True)
+
     def fit_task(self, data: TaskData) -> None:
         p = self.params
         self.descriptor.eval()
-        self.update_bank(self.task_bank(data))
-        trainable = [q for q in self.parameters() if q.requires_grad]
-        optimiser = torch.optim.AdamW(trainable, lr=p["lr"], weight_decay=p["weight_decay"], amsgrad=True)
+        self.update_bank(*self.task_bank(data))
+        optimiser = self.task_optimiser(self.build_optimiser)
         info = fit_epochs(
             self, data, self._loss, optimiser,
             epochs=self.num_epochs(p["epochs"]), batch_size=p["batch_size"], patience=p["patience"],
         )
-        self.fit_info = info | {"radius": float(self.radius.detach()), "bank_tasks": int(self.n_tasks.item())}
+        self.fit_info = info | {
+            "radius": float(self.radius.detach()),
+            "bank_tasks": int(self.n_tasks.item()),
+            "bank_batches": int(self.bank_batches.item()),
+        }
 
     # -- scoring -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,17 +1,21 @@
-"""CFA: the soft-boundary loss and softmin score against hand computations, the memory bank update
-of seed 003's Algorithm 3, training lowers the loss, state round trip, seed 003's 22.5 MB bank, and
-runs under sequential, replay and joint."""
+"""CFA: the soft-boundary loss (seed 003's formula, also with K != J) and softmin score against hand
+computations, the bank's ``weighting`` (task: seed 003 Algorithm 3; batch: the paper's code) against
+independent numpy references, replayed images left out of the bank, ``optimizer_state``, no early
+stopping by default, state round trip, seed 003's 22.5 MB bank, and runs under sequential, replay
+and joint. Parity with anomalib: tests/test_parity_cfa.py."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clbench.backbones import BackbonePool
-from clbench.data import ImageStore, SampleSet, load_category
+from clbench.data import Batch, ImageStore, SampleSet, load_category
 from methods.base import MethodContext, TaskData
 from methods.cfa import CFA, cfa_loss, softmin_score, squared_distances
 from conftest import STRATEGY_CASES, engine_run
@@ -61,23 +65,108 @@ def test_loss_and_score_match_hand_computation() -> None:
     torch.testing.assert_close(squared_distances(f, c), torch.cdist(f, c.expand(2, 7, 4)) ** 2, atol=1e-4, rtol=1e-4)
 
 
-def test_bank_update_follows_algorithm_3(synthetic_root: Path) -> None:
-    """With lr 0 the descriptor is fixed, so C after two tasks is exactly (C_0 + C_1) / 2."""
-    first, second = categories(synthetic_root)
-    store = ImageStore(32)
-    model = make_cfa(lr=0.0, weight_decay=0.0, learn_radius=False, max_epochs=1)
-    model.fit_task(task(0, first, store))
-    bank_0 = model.task_bank(task(0, first, store))
-    torch.testing.assert_close(model.memory_bank, bank_0)
-    model.fit_task(task(1, second, store))
-    bank_1 = model.task_bank(task(1, second, store))
-    torch.testing.assert_close(model.memory_bank, bank_0 * 0.5 + bank_1 * 0.5)
-    assert int(model.n_tasks) == 2 and model.fit_info["bank_tasks"] == 2
-    # the bank is an exact per-image mean, and replayed images of other tasks are left out of C_i
-    mixed = TaskData(1, (second.name,), SampleSet(first.train + second.train, store), SampleSet((), store))
-    torch.testing.assert_close(model.task_bank(mixed), bank_1)
-    per_image = torch.cat([model.describe(b) for b in SampleSet(second.train, store).batches(5)]).mean(0)
-    torch.testing.assert_close(bank_1, per_image, atol=1e-5, rtol=1e-5)
+def pixels_batch(task: str, n: int, seed: int, size: int = 32) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, size // 8, size // 8, generator=g)
+    pixels = (F.interpolate(low, size=size, mode="bilinear") * 255).to(torch.uint8)
+    keys = [f"{task}/train/good/{i:03d}.png" for i in range(n)]
+    return Batch(pixels, keys, torch.zeros(n, dtype=torch.int64), torch.zeros(n, size, size, dtype=torch.bool))
+
+
+class Stream:
+    """In-memory training stream of one task's images (optionally followed by replayed ones)."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0):
+        b, n = self.batch, len(self.batch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            yield Batch(b.pixels[rows], [b.keys[i] for i in rows.tolist()], b.labels[rows], b.masks[rows])
+
+
+def stream_task(step: int, batch: Batch) -> TaskData:
+    return TaskData(step, (batch.keys[0].split("/")[0],), Stream(batch), SampleSet((), ImageStore(32)), seed=step)
+
+
+# three tasks of 8, 4 and 12 images: 2, 1 and 3 batches of 4, so the two weightings differ
+TASK_SIZES = {"t0": 8, "t1": 4, "t2": 12}
+
+
+def reference_banks(outputs: list[np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Independent numpy references from the raw per-task descriptor outputs (n_i, P, d)."""
+    # seed 003 Algorithm 3: C <- C * i / (i + 1) + C_i / (i + 1), C_i the task's mean
+    task = np.zeros_like(outputs[0][0], dtype=np.float64)
+    for i, out in enumerate(outputs):
+        task = task * i / (i + 1) + out.astype(np.float64).mean(0) / (i + 1)
+    # the paper's code, DSVDD._update_centroid: D <- (D * j + batch mean) / (j + 1), j = i + total_num_batches,
+    # over a drop_last loader, total_num_batches += batches of the task
+    d, total = np.zeros_like(task), 0
+    for out in outputs:
+        k = 0
+        for i, start in enumerate(range(0, len(out) - len(out) % batch_size, batch_size)):
+            j = i + total
+            d = (d * j + out[start : start + batch_size].astype(np.float64).mean(0)) / (j + 1)
+            k = i
+        total += k + 1
+    return {"task": task, "batch": d}
+
+
+@pytest.mark.parametrize("weighting", ["task", "batch"])
+def test_bank_weighting_matches_independent_reference(weighting: str) -> None:
+    """With lr 0 the descriptor is fixed, so the bank after three tasks is an exact function of the raw
+    descriptor outputs: Algorithm 3 (task) or the paper's code's running mean over batches (batch)."""
+    data = [pixels_batch(name, n, seed) for seed, (name, n) in enumerate(TASK_SIZES.items())]
+    make = lambda: make_cfa(lr=0.0, weight_decay=0.0, learn_radius=False, max_epochs=1, weighting=weighting)
+    model = make()
+    with torch.no_grad():
+        outputs = [model.describe(batch).numpy() for batch in data]  # raw (n_i, P, d)
+    expected = reference_banks(outputs, batch_size=4)
+    assert not np.allclose(expected["task"], expected["batch"], rtol=1e-3, atol=1e-4)  # the test can tell them apart
+    model.fit_task(stream_task(0, data[0]))
+    model.fit_task(stream_task(1, data[1]))
+    resumed = make()  # a resumed run continues with the same bank weights (bank_batches is state)
+    resumed.load_method_state(model.state_dict())
+    for m in (model, resumed):
+        m.fit_task(stream_task(2, data[2]))
+        np.testing.assert_allclose(m.memory_bank.numpy(), expected[weighting], rtol=1e-5, atol=1e-6)
+        assert int(m.n_tasks) == 3 and int(m.bank_batches) == 6 == m.fit_info["bank_batches"]
+
+
+def test_bank_leaves_out_replayed_images_and_is_a_per_image_mean() -> None:
+    own, other = pixels_batch("t1", 6, seed=1), pixels_batch("t0", 4, seed=0)
+    model = make_cfa()
+    mixed = Batch(torch.cat([own.pixels, other.pixels]), own.keys + other.keys,
+                  torch.cat([own.labels, other.labels]), torch.cat([own.masks, other.masks]))
+    bank, batches = model.task_bank(TaskData(1, ("t1",), Stream(mixed), SampleSet((), ImageStore(32))))
+    with torch.no_grad():
+        per_image = model.describe(own).mean(0)  # 6 images: batches of 4 + 2, merged by size
+    torch.testing.assert_close(bank, per_image, atol=1e-6, rtol=1e-5)
+    assert batches == 1  # the paper's drop_last loader: floor(6 / 4)
+
+
+@pytest.mark.parametrize("state", ["reset", "keep"])
+def test_optimizer_state(state: str) -> None:
+    model = make_cfa(max_epochs=1, optimizer_state=state)
+    model.fit_task(stream_task(0, pixels_batch("t0", 8, seed=0)))
+    first = model._kept_optimiser
+    model.fit_task(stream_task(1, pixels_batch("t1", 8, seed=1)))
+    if state == "reset":
+        assert first is None and model._kept_optimiser is None and model.training_state() == {}
+    else:  # one AdamW for the stream: 2 steps per task, moments carried
+        steps = {int(s["step"]) for s in model._kept_optimiser.state.values()}
+        assert model._kept_optimiser is first and steps == {4}
+        assert "optimizer" in model.training_state()
+
+
+def test_unknown_weighting_is_one_line() -> None:
+    with pytest.raises(ValueError, match="weighting 'images' is not one of task, batch"):
+        make_cfa(weighting="images")
 
 
 def test_short_training_lowers_loss_gives_finite_maps_and_round_trips(synthetic_root: Path) -> None:
@@ -86,7 +175,8 @@ def test_short_training_lowers_loss_gives_finite_maps_and_round_trips(synthetic_
     model = make_cfa(image_size=64, max_epochs=4)
     model.fit_task(task(0, category, store))
     info = model.fit_info
-    assert info["epochs_run"] == 4 and 0 <= info["best_epoch"] < 4
+    # seed 003: 30 epochs, no early stopping, even with held-out images
+    assert info["epochs_run"] == 4 and info["best_epoch"] == -1 and math.isnan(info["val_loss_best"])
     assert info["train_loss_last"] < info["train_loss_first"]
     assert info["radius"] > 1e-5  # learnable radius moved
     batch = next(SampleSet(category.test, store).batches(5))
@@ -99,7 +189,7 @@ def test_short_training_lowers_loss_gives_finite_maps_and_round_trips(synthetic_
     again = fresh.predict(batch)
     assert torch.equal(again.maps, prediction.maps) and torch.equal(again.scores, prediction.scores)
     memory = model.memory_components()
-    assert memory["method_state"] == 16 * 16 * 448 * 4 + 8  # bank (P=16x16, d=448) + task counter
+    assert memory["method_state"] == 16 * 16 * 448 * 4 + 16  # bank (P=16x16, d=448) + task and batch counters
 
 
 def test_analytic_memory_is_seed_003_bank() -> None:
@@ -117,4 +207,4 @@ def test_cfa_under_each_strategy(synthetic_root: Path, tmp_path: Path, strategy:
     assert set(training.key) >= {"epochs_run", "train_loss_first", "train_loss_last"}
     memory = pd.read_csv(run_dir / "memory.csv")
     state = memory[memory.component == "method_state"].bytes
-    assert (state == 8 * 8 * 448 * 4 + 8).all()  # fixed-size bank whatever the number of tasks
+    assert (state == 8 * 8 * 448 * 4 + 16).all()  # fixed-size bank whatever the number of tasks
