@@ -1,37 +1,44 @@
 """Shared pieces of the 2D normalizing-flow methods (FastFlow, CAINNFlow).
 
-Both methods have the same skeleton; only the coupling subnets and a few defaults differ:
+Both methods have the same skeleton; only the coupling subnets and a few defaults differ. It is
+FastFlow's reference implementation as anomalib 2.7.0 reproduces it (``anomalib/models/image/
+fastflow/{torch_model,loss,anomaly_map}.py``, from gathierry/FastFlow) and as the benchmark paper's
+code copies it (clad ``src/models/fastflow.py``, ``src/trainer/trainer_fastflow.py``);
+``tests/test_parity_fastflow.py`` checks maps, scores, loss and one Adam step against anomalib:
 
 * a frozen timm backbone (layers 1-3 of a ResNet) through the run's shared feature cache, so each
   image goes through the backbone once per run, across epochs and evaluations;
-* per feature level l (C_l channels, h_l x w_l positions) a LayerNorm over [C_l, h_l, w_l]
-  (``norm_affine``: False = a fixed standardisation of each image's feature map, the default here;
-  True = the learnable per-element affine of FastFlow's reference implementations), then one 2D
-  flow: FrEIA's ``SequenceINN`` of ``AllInOneBlock`` (affine coupling with soft clamping
-  ``affine_clamping * tanh``, a fixed hard channel permutation, ``permute_soft=False``, and
-  FrEIA's learned global affine "ActNorm" scaling), all fully convolutional so the (h, w) layout
-  is kept;
-* loss = negative log-likelihood under a standard normal, per level and per image
-  ``0.5 * ||z||^2 - log|det J|`` (the constant ``0.5 * D * log(2 pi)`` dropped), divided by that
-  level's number of dimensions ``D_l = C_l * h_l * w_l`` (nats per dimension), averaged over the
-  images of the batch (current and replayed images weigh the same) and over the levels. The
-  normalisation makes the value comparable across levels, image sizes and backbones; with Adam it
-  does not change the direction of the updates (each level's flow gets gradients from its own
-  term only), only the relative weight of the weight decay;
-* anomaly map, per level: ``-exp(-0.5 * mean_c z^2)`` (minus the per-position likelihood, as
-  FastFlow's code and anomalib compute it), upsampled bilinearly to the input size, averaged over
-  levels; image score = the map's maximum. Values lie in [-1, 0]; very unlikely positions saturate
-  at 0 (float32 exp underflow when mean_c z^2 > ~200), as in the reference code;
+* per feature level l (C_l channels, h_l x w_l positions) a LayerNorm over [C_l, h_l, w_l] with a
+  learnable per-element affine (``norm_affine: True``, the references). Like the references, the
+  affine's log-determinant is not part of the likelihood. ``norm_affine: False`` is a fixed
+  per-image standardisation: what the benchmark paper's code computes in effect (its LayerNorm
+  runs under ``torch.no_grad()``, so the affine never leaves its identity init);
+* then one 2D flow per level: FrEIA's ``SequenceINN`` of ``AllInOneBlock`` (affine coupling with
+  soft clamping ``affine_clamping * tanh``, a fixed hard channel permutation,
+  ``permute_soft=False``, FrEIA's learned global affine "ActNorm"), fully convolutional;
+* loss = the references' negative log-likelihood under a standard normal, the constant
+  ``0.5 * D * log(2 pi)`` dropped: per level and image ``0.5 * ||z||^2 - log|det J|``, averaged
+  over the images of the batch (current and replayed images weigh the same) and *summed* over
+  the levels. Not normalised per dimension: with Adam's coupled L2 weight decay (1e-5, FastFlow's)
+  dividing by 3 * C_l * h_l * w_l would make the decay 10^4-10^6 times stronger relative to the
+  data term (ResNet18 at 64 px - WRN50 at 256 px);
+* anomaly map, per level: ``-exp(-0.5 * mean_c z^2)`` (minus the per-position likelihood),
+  upsampled bilinearly to the input size, averaged over levels; image score = the map's maximum
+  (anomalib's ``pred_score``). Values lie in [-1, 0]; very unlikely positions saturate at 0
+  (float32 exp underflow when mean_c z^2 > ~200), as in the reference code;
 * continual adaptation (seed 003, section 1.8.1, for FastFlow; CAINNFlow is adapted the same way):
   the flows' weights are carried from task to task and fine-tuned on what the strategy streams
-  (current task only, "B+B" replay batches, or all tasks at once); a fresh Adam optimiser per
-  task; a fixed epoch count through ``num_epochs``. Optional early stopping (``patience``) reads
-  only the held-out *good training* images (``TaskData.val``) and restores the best weights.
+  (current task only, "B+B" replay batches, or all tasks at once) for a fixed epoch count
+  (``num_epochs``). Adam (lr, weight decay 1e-5, ``adam_betas``) built through
+  ``task_optimiser``: ``optimizer_state: reset`` (default) = a fresh optimiser per task, ``keep`` =
+  one for the whole stream (the paper's code, whose Adam also uses betas (0.5, 0.99)). Optional
+  early stopping (``patience``) reads only the held-out *good training* images (``TaskData.val``)
+  and restores the best weights.
 
-All learned state (coupling weights, ActNorm scales/offsets, optional LayerNorm affine) and the
-fixed random permutations are parameters of the module, so ``state_dict`` carries everything:
-resume gives identical predictions. The permutations are FrEIA ``nn.Parameter``s with
-``requires_grad=False`` and are therefore counted as *frozen* parameters by the engine.
+All learned state (coupling weights, ActNorm scales/offsets, LayerNorm affine) and the fixed random
+permutations are parameters of the module, so ``state_dict`` carries everything: resume gives
+identical predictions. The permutations are FrEIA ``nn.Parameter``s with ``requires_grad=False``
+and are therefore counted as *frozen* parameters by the engine.
 """
 from __future__ import annotations
 
@@ -55,16 +62,18 @@ SubnetConstructor = Callable[[int, int], nn.Module]
 
 # Hyper-parameters every flow method takes (each method overrides some defaults).
 FLOW_HYPERPARAMETERS: dict[str, Any] = {
-    "backbone": "resnet18",
+    "backbone": "wide_resnet50_2",  # seed 003 s. 1.8.3 (and the paper's code, hard-coded)
     "layers": ["layer1", "layer2", "layer3"],
     "flow_steps": 8,
     "hidden_ratio": 1.0,
     "clamp": 2.0,  # AllInOneBlock affine_clamping
-    "norm_affine": False,  # learnable LayerNorm affine (FastFlow's reference code: True)
+    "norm_affine": True,  # learnable LayerNorm affine (references); False = the paper's code in effect
     "batch_size": 32,  # seed 003: 32 (+32 replayed)
     "epochs": 15,  # seed 003: 15 epochs per task
     "lr": 1e-3,
     "weight_decay": 1e-5,
+    "adam_betas": [0.9, 0.999],  # torch's defaults (FastFlow, anomalib); the paper's code: [0.5, 0.99]
+    "optimizer_state": "reset",  # reset | keep (see AnomalyMethod.task_optimiser)
     "patience": None,  # None: no early stopping; an int: epochs without held-out improvement
 }
 
@@ -108,15 +117,15 @@ def build_flow_stage(
 
 
 # -- likelihood --------------------------------------------------------------------------------
-def nll_per_dim(z: torch.Tensor, log_jac_det: torch.Tensor) -> torch.Tensor:
-    """(B,) negative log-likelihood per dimension: (0.5 * ||z||^2 - log|det J|) / (C * h * w)."""
-    dims = z[0].numel()
-    return (0.5 * z.pow(2).flatten(1).sum(dim=1) - log_jac_det) / dims
+def nll_per_image(z: torch.Tensor, log_jac_det: torch.Tensor) -> torch.Tensor:
+    """(B,) negative log-likelihood of one level, constant dropped: 0.5 * ||z||^2 - log|det J|."""
+    return 0.5 * z.pow(2).flatten(1).sum(dim=1) - log_jac_det
 
 
 def flow_loss(zs: Sequence[torch.Tensor], log_jac_dets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Scalar loss: per-dimension NLL averaged over the batch and over the levels."""
-    return torch.stack([nll_per_dim(z, j).mean() for z, j in zip(zs, log_jac_dets)]).mean()
+    """Scalar loss (FastFlow's / anomalib's ``FastflowLoss``): per-image NLL averaged over the
+    batch, summed over the levels."""
+    return torch.stack([nll_per_image(z, j).mean() for z, j in zip(zs, log_jac_dets)]).sum()
 
 
 def likelihood_maps(zs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
@@ -148,6 +157,10 @@ class FlowMethod(AnomalyMethod):
             raise ValueError(f"method_params: hidden_ratio must be > 0, got {params['hidden_ratio']!r}")
         if not float(params["clamp"]) > 0:
             raise ValueError(f"method_params: clamp must be > 0, got {params['clamp']!r}")
+        betas = params["adam_betas"]
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"method_params: adam_betas must be two numbers in [0, 1), got {betas!r}")
         patience = params["patience"]
         if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
             raise ValueError(f"method_params: patience must be None or a positive integer, got {patience!r}")
@@ -176,7 +189,8 @@ class FlowMethod(AnomalyMethod):
         cls.check_params(p)
         channels, reductions = feature_info(p["backbone"], p["layers"])
         dims = feature_dims(channels, reductions, image_size)
-        flows, norms = cls.build_flows(p, dims), cls.build_norms(p, dims)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation (41M weights for WRN50)
+            flows, norms = cls.build_flows(p, dims), cls.build_norms(p, dims)
         return {
             "flow_trainable": sum(q.numel() for q in flows.parameters() if q.requires_grad),
             "flow_permutations": sum(q.numel() for q in flows.parameters() if not q.requires_grad),
@@ -185,7 +199,7 @@ class FlowMethod(AnomalyMethod):
 
     @classmethod
     def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
-        """fp32 bytes: trainable flow weights (+ LayerNorm affine if learnable), and the fixed
+        """fp32 bytes: trainable flow weights and LayerNorm affine (if learnable), and the fixed
         permutation matrices (C x C per block and direction; FrEIA keeps them as frozen parameters)."""
         counts = cls.parameter_counts(params, image_size)
         memory = {"model_trainable/flows": counts["flow_trainable"] * 4}
@@ -221,10 +235,12 @@ class FlowMethod(AnomalyMethod):
 
     # -- the interface -------------------------------------------------------------------------
     def fit_task(self, data: TaskData) -> None:
-        """Fine-tune the flows on this step's stream (fresh Adam, weights carried over)."""
+        """Fine-tune the flows on this step's stream (weights carried over; Adam per ``optimizer_state``)."""
         p = self.params
         trainable = [q for q in self.parameters() if q.requires_grad]
-        optimiser = torch.optim.Adam(trainable, lr=p["lr"], weight_decay=p["weight_decay"])
+        optimiser = self.task_optimiser(lambda: torch.optim.Adam(
+            trainable, lr=p["lr"], betas=tuple(float(b) for b in p["adam_betas"]), weight_decay=p["weight_decay"]
+        ))
         self.fit_info = fit_epochs(
             self, data, self.loss, optimiser,
             epochs=self.num_epochs(p["epochs"]), batch_size=p["batch_size"], patience=p["patience"],
@@ -240,5 +256,5 @@ class FlowMethod(AnomalyMethod):
 
 __all__ = [
     "FLOW_HYPERPARAMETERS", "FlowMethod", "build_flow_stage", "conv", "feature_dims", "flow_loss",
-    "likelihood_maps", "nll_per_dim", "seeded",
+    "likelihood_maps", "nll_per_image", "seeded",
 ]

@@ -1,19 +1,22 @@
-"""FastFlow and CAINNFlow: invertible stages with the right log-determinant, the NLL and map formulas,
-CBAM pieces, short trainings that lower the loss, state round trips, and runs under each strategy."""
+"""FastFlow and CAINNFlow behaviour: invertible stages with the right log-determinant, the default
+architectures (WRN50, alternating 3x3/1x1, parameter counts), short trainings that lower the loss,
+optimizer_state, state round trips and runs under each strategy (on ResNet18 to stay fast).
+Parity with anomalib is in ``test_parity_fastflow.py``, CAINNFlow's equations in
+``test_cainnflow_equations.py``."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import timm
 import torch
 
-from clbench.backbones import BackbonePool
+from clbench.backbones import BackbonePool, out_indices
 from clbench.data import ImageStore, SampleSet, load_category
 from methods.base import MethodContext, TaskData
 from methods.cainnflow import CBAM, VARIANTS, CAINNFlow, ChannelAttention, SpatialAttention
 from methods.fastflow import FastFlow
-from methods.flows import flow_loss, likelihood_maps, nll_per_dim
 from conftest import STRATEGY_CASES, engine_run
 
 # (class, params) of every flow configuration: FastFlow and each CAINNFlow variant
@@ -22,9 +25,10 @@ IDS = ["fastflow"] + [f"cainnflow-{v}" for v in VARIANTS]
 
 
 def make(cls, max_epochs: int = 2, seed: int = 0, **params):
+    """A method on ResNet18 at 64 px (the defaults are WRN50: too slow for unit tests)."""
     pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=1 << 30, spill_dir=None)
     context = MethodContext(pool, torch.device("cpu"), image_size=64, seed=seed, progress=False, max_epochs=max_epochs)
-    return cls(context, **params)
+    return cls(context, **{"backbone": "resnet18", **params})
 
 
 def stage(cls, params: dict, dims: tuple[int, int, int], steps: int = 2):
@@ -66,31 +70,46 @@ def test_log_det_matches_brute_force_jacobian(cls, params) -> None:
     assert log_jac.item() == pytest.approx(brute.item(), abs=1e-8)
 
 
-def test_nll_loss_and_map_follow_their_formulas() -> None:
-    z = [torch.randn(2, 4, 3, 3), torch.randn(2, 6, 2, 2)]
-    jac = [torch.randn(2), torch.randn(2)]
-    expected = []
-    for zl, jl in zip(z, jac):
-        per_image = (0.5 * (zl**2).sum(dim=(1, 2, 3)) - jl) / zl[0].numel()
-        assert torch.allclose(nll_per_dim(zl, jl), per_image)
-        expected.append(per_image.mean())
-    assert float(flow_loss(z, jac)) == pytest.approx(float(sum(expected) / 2), rel=1e-6)
-    maps = likelihood_maps(z, 12)
-    assert maps.shape == (2, 12, 12) and (maps <= 0).all() and (maps >= -1).all()
-    # a level with z == 0 everywhere is maximally likely: -exp(0) = -1
-    assert torch.allclose(likelihood_maps([torch.zeros(1, 3, 4, 4)], 8), -torch.ones(1, 8, 8))
+def meta_feature_info(model_name: str, layers) -> tuple[list[int], list[int]]:
+    """(channels, reductions) of the real timm architecture, built on the meta device (no weights)."""
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=out_indices(model_name, layers))
+    return list(model.feature_info.channels()), list(model.feature_info.reduction())
 
 
-def test_cbam_pieces() -> None:
-    x = torch.randn(2, 20, 5, 7)
-    channel = ChannelAttention(20, reduction=16)
-    gates = channel(x)
-    assert gates.shape == (2, 20, 1, 1) and (gates > 0).all() and (gates < 1).all()
-    assert channel.mlp[0].out_channels == 1  # 20 // 16 hidden unit(s), at least 1
-    assert ChannelAttention(3, reduction=16).mlp[0].out_channels == 1
-    spatial = SpatialAttention()(x)
-    assert spatial.shape == (2, 1, 5, 7) and (spatial > 0).all() and (spatial < 1).all()
-    assert CBAM(20)(x).shape == x.shape
+def test_default_architectures_and_parameter_counts(monkeypatch) -> None:
+    fastflow, cainnflow = FastFlow.resolve_params({}), CAINNFlow.resolve_params({})
+    for p in (fastflow, cainnflow):  # seed 003 s. 1.8.3; CAINNFlow's best result (Table 4)
+        assert p["backbone"] == "wide_resnet50_2" and p["layers"] == ["layer1", "layer2", "layer3"]
+        assert p["norm_affine"] is True and p["optimizer_state"] == "reset" and p["batch_size"] == 32
+    assert (fastflow["flow_steps"], fastflow["conv3x3_only"], fastflow["lr"]) == (8, False, 1e-3)
+    assert (cainnflow["flow_steps"], cainnflow["variant"], cainnflow["lr"]) == (2, "CAC", 5e-4)
+
+    def kernels(cls, params: dict, steps: int) -> list[set]:
+        flow = cls.build_flows(cls.resolve_params({**params, "flow_steps": steps}), [(8, 4, 4)])[0]
+        return [{m.kernel_size for m in block.subnet if isinstance(m, torch.nn.Conv2d)} for block in flow.module_list]
+
+    assert kernels(FastFlow, {}, 4) == [{(3, 3)}, {(1, 1)}, {(3, 3)}, {(1, 1)}]  # alternating (FastFlow s. 3.3)
+    assert kernels(FastFlow, {"conv3x3_only": True}, 2) == [{(3, 3)}, {(3, 3)}]
+    assert kernels(CAINNFlow, {}, 2) == [{(3, 3)}, {(3, 3)}]  # "stacked 3x3 full convolution"
+    assert all(isinstance(block.subnet[2], CBAM) for block in CAINNFlow.build_flows(cainnflow, [(8, 4, 4)])[0].module_list)
+
+    # at 256 px: WRN50 flows with alternating subnets have the FastFlow paper's 41.3M parameters
+    monkeypatch.setattr("methods.flows.feature_info", meta_feature_info)
+    counts = FastFlow.parameter_counts({}, 256)
+    assert counts["flow_trainable"] == 41_337_856 and round(counts["flow_trainable"] / 1e6, 1) == 41.3
+    assert counts["layernorm"] == 2 * (256 * 64 * 64 + 512 * 32 * 32 + 1024 * 16 * 16)  # learnable affine
+    assert CAINNFlow.parameter_counts({}, 256)["flow_trainable"] == 18_680_514
+    memory = FastFlow.analytic_memory({}, 256)
+    assert memory["model_trainable/layernorm"] == 4 * counts["layernorm"]
+    assert "model_trainable/layernorm" not in FastFlow.analytic_memory({"norm_affine": False}, 256)
+
+
+def test_bad_optimiser_params_are_one_line() -> None:
+    with pytest.raises(ValueError, match="adam_betas must be two numbers"):
+        FastFlow.check_params(FastFlow.resolve_params({"adam_betas": [0.9]}))
+    with pytest.raises(ValueError, match="optimizer_state 'never'"):
+        make(FastFlow, optimizer_state="never")
 
 
 def test_variants_and_their_parameters() -> None:
@@ -156,7 +175,7 @@ def test_state_round_trip_gives_identical_predictions(synthetic_root: Path, cls)
 @pytest.mark.parametrize("method", ["fastflow", "cainnflow"])
 @pytest.mark.parametrize("strategy, params", STRATEGY_CASES)
 def test_flows_under_each_strategy(synthetic_root: Path, tmp_path: Path, method: str, strategy: str, params: dict) -> None:
-    run_dir = engine_run(method, strategy, params, synthetic_root, tmp_path)
+    run_dir = engine_run(method, strategy, params, synthetic_root, tmp_path, backbone="resnet18")
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
     training = pd.read_csv(run_dir / "training.csv")
@@ -165,3 +184,23 @@ def test_flows_under_each_strategy(synthetic_root: Path, tmp_path: Path, method:
     memory = pd.read_csv(run_dir / "memory.csv")
     assert (memory[memory.component == "model_trainable"].bytes > 0).all()
     assert (memory[memory.component == "model_frozen"].bytes > 0).all()  # the backbone (and permutations)
+
+
+def test_optimizer_state_keep_carries_adam_across_tasks(synthetic_root: Path) -> None:
+    names = sorted(p.name for p in synthetic_root.iterdir())[:2]
+    store = ImageStore(64)
+    tasks = [load_category(synthetic_root, name, val_fraction=0.0) for name in names]
+
+    def fit_both(model) -> list[int]:
+        steps = []
+        for step, (name, category) in enumerate(zip(names, tasks)):
+            model.fit_task(TaskData(step, (name,), SampleSet(category.train, store), SampleSet((), store)))
+            steps.append(int(next(iter(model._kept_optimiser.state.values()))["step"]) if model._kept_optimiser else 0)
+        return steps
+
+    kept = make(FastFlow, max_epochs=1, batch_size=8, optimizer_state="keep")
+    per_task = [len(range(0, len(c.train), 8)) for c in tasks]  # Adam steps (batches) per task
+    assert fit_both(kept) == [per_task[0], per_task[0] + per_task[1]]  # one Adam, its step count keeps growing
+    assert set(kept.training_state()) == {"optimizer"}
+    reset = make(CAINNFlow, max_epochs=1, batch_size=8)
+    assert fit_both(reset) == [0, 0] and reset.training_state() == {}  # a fresh optimiser per task, none kept
