@@ -1,6 +1,6 @@
 """EfficientAD's networks: patch description networks (PDN), the autoencoder, and teacher distillation.
 
-Networks (Batzner et al., WACV 2024, tables 5-7; the layer names follow anomalib so its teacher
+Networks (Batzner et al., WACV 2024, tables 5-7; the PDN layer names follow anomalib so its teacher
 files load as they are). All take ImageNet-normalised images (``Batch.normalized``).
 
 * ``SmallPDN`` / ``MediumPDN``: 4 (small) or 6 (medium) convolutions, two 2x2 average poolings,
@@ -10,9 +10,11 @@ files load as they are). All take ImageNet-normalised images (``Batch.normalized
   8.0M" is the medium PDN); a student has 768 outputs: small 4.27M, medium 11.62M (seed 003: 11.6M).
 * ``AutoEncoder``: EfficientAD's (6 strided convolutions to a 1x1 bottleneck of 64 channels, 8
   convolutions with bilinear upsampling and dropout 0.2 back to the PDN output size); 1.10M
-  parameters at 256 px (seed 003: 1.1M), 0.85M at 64 px (smaller bottleneck kernel). The bottleneck kernel equals the feature size after
-  the five stride-2 convolutions (8 at 256 px, as in the paper; 2 at 64 px) and the decoder's
-  intermediate sizes scale with the input, so any input >= 64 px works.
+  parameters at 256 px (seed 003: 1.1M), 0.85M at 64 px. The bottleneck kernel equals the feature
+  size after the five stride-2 convolutions: 8 at 256 px, as in the paper and anomalib (which
+  hard-code 8, so they need >= 256 px), 2 at 64 px; the decoder's intermediate sizes are
+  anomalib's (``S//64 - 1``, ``S//32``, ...; at least 1), so any input >= 64 px works and at
+  256 px the network is anomalib's (``tests/test_parity_efficientad.py``).
 
 Teacher distillation (paper, appendix A.1): the PDN (with padding) regresses the features of a
 pretrained backbone, channel-normalised, with MSE; Adam lr 1e-4, weight decay 1e-5, batch 16.
@@ -20,12 +22,15 @@ Features: ``layer2`` and ``layer3`` of a timm backbone (``wide_resnet50_2`` by d
 uses WRN-101) on the image at twice the PDN's resolution, each averaged over 3x3 neighbourhoods,
 ``layer3`` upsampled to ``layer2``'s grid, concatenated and projected to 384 channels by average
 pooling over channels (PatchCore's feature pipeline), so the target grid is the padded PDN's
-(64x64 at 256 px). Differences from the paper, for an offline CPU benchmark: the distillation
-images are the ones at hand (a folder, or the run's first task) instead of ImageNet, the
-schedule is epochs over them instead of 60 000 iterations, and the random grayscale (p=0.1) is
-not applied (targets are computed once per image). ``distill_teacher`` writes the weights file
-atomically with a provenance JSON beside it (``<out>.json``) and is cached: a call whose
-provenance matches the files already there loads them instead of training.
+(64x64 at 256 px). The intended use is ``clbench distill-teacher --backbone wide_resnet50_2
+--weights imagenet --images DIR --out PATH`` on a generic image set (ImageNet, or Imagenette as
+anomalib), never on the benchmark's task images. Differences from the paper, for an offline
+benchmark: the schedule is epochs over the folder instead of 60 000 iterations, images are
+resized whole to the PDN size, and the random grayscale (p=0.1) is not applied (targets are
+computed once per image). ``distill_teacher`` writes the weights file atomically with its
+provenance (images, their hash, backbone, pretrained or not, schedule) inside it and in a JSON
+beside it (``<out>.json``), and is cached: a call whose provenance matches the files already
+there loads them instead of training. Weights are always read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -180,25 +185,30 @@ def load_pdn_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load a PDN weights file into ``model``; returns the provenance stored with it (may be empty).
 
     Accepted: ``distill_teacher``'s files, a plain state dict with this module's names (anomalib's
-    ``pretrained_teacher_{small,medium}.pth``), or any state dict / pickled module whose
-    convolutions come in the same order with the same shapes (the original code's ``nn.Sequential``).
+    ``pretrained_teacher_{small,medium}.pth``), or a state dict whose convolutions come in the same
+    order with the same shapes (the original code's ``nn.Sequential`` ``teacher_*.pth``, which the
+    benchmark paper's code loads). Read with ``weights_only=True``: a pickled module or anything
+    that is not a state dict is refused with one line naming the file.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"teacher_weights: '{path}' is not a file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a pickled nn.Module (the original EfficientAD code saves whole modules)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same one-line error
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(
+            f"teacher_weights: '{path}' is not a PDN state dict readable with torch.load(weights_only=True) ({reason})"
+        ) from None
     provenance: dict[str, Any] = {}
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
     if isinstance(obj, dict) and "state_dict" in obj:
         provenance = dict(obj.get("provenance") or {})
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ValueError(f"teacher_weights: '{path}' holds no state dict")
     state = {k.removeprefix("module."): v for k, v in obj.items() if torch.is_tensor(v)}
+    if not state:
+        raise ValueError(f"teacher_weights: '{path}' holds no tensors")
     target = model.state_dict()
     if set(state) != set(target):
         # same convolutions in the same order (weight, bias pairs): map by position
@@ -330,6 +340,7 @@ def distill_teacher(
     max_images: int | None = None,
     progress: bool = False,
     target_cache_bytes: int = 1 << 30,
+    images_label: str | None = None,
 ) -> DistilledTeacher:
     """Distil a PDN teacher from a timm backbone on ``images`` and write it to ``out_path``.
 
@@ -340,6 +351,7 @@ def distill_teacher(
     and nothing is trained (``reused=True``). Otherwise the weights file is written atomically
     (``{"state_dict", "provenance"}``), then the provenance JSON. ``out_path=None``: a file
     named after the provenance's hash in ``cache_dir`` (default ``default_cache_dir()``).
+    ``images_label``: what the provenance calls the images (default: the folder, or "tensor").
     """
     from tqdm.auto import tqdm
 
@@ -376,7 +388,7 @@ def distill_teacher(
         "weights_source": info.source,
         "weights_file": info.file,
         "pretrained": info.pretrained,
-        "images": source,
+        "images": images_label or source,
         "num_images": int(len(pixels)),
         "images_sha256": images_digest(pixels),
         "image_size": image_size,
@@ -485,8 +497,10 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
         "distill-teacher",
         help="distil an EfficientAD PDN teacher from a timm backbone on a folder of images",
         description="Train a PDN to regress a backbone's channel-normalised layer2+layer3 features "
-                    "(EfficientAD's teacher), writing OUT and OUT.json (provenance). Cached: an "
-                    "identical call loads OUT instead of training.",
+                    "(EfficientAD's teacher) on a generic image set (ImageNet or Imagenette, never the "
+                    "benchmark's task images), writing OUT and OUT.json (provenance: images, backbone, "
+                    "pretrained or not). Cached: an identical call loads OUT instead of training. "
+                    "Use it in a run with --param teacher_weights=OUT.",
     )
     p.add_argument("--backbone", default="wide_resnet50_2", help="timm model (default: wide_resnet50_2)")
     p.add_argument("--images", type=Path, required=True, help="folder of images (recursive), e.g. Imagenette")
@@ -521,4 +535,7 @@ def cmd_distill_teacher(args: argparse.Namespace) -> int:
           f"({'pretrained' if prov['pretrained'] else 'random-init'} backbone, {prov['num_images']} images, "
           f"{prov['epochs']} epochs), {state}; final loss {prov.get('final_loss', float('nan')):.4f}")
     print(f"provenance: {provenance_path(result.path)}")
+    if not prov["pretrained"]:
+        print("warning: the backbone was random-init (no pretrained weights found): this is not EfficientAD's "
+              "teacher, and runs with require_pretrained refuse it; pass --weights imagenet or --weights PATH")
     return 0

@@ -1,13 +1,18 @@
-"""EfficientAD: hard-feature loss by hand, PDN/autoencoder shapes and seed 003's parameter counts,
-cached teacher distillation, a short training run (loss down, finite maps), map quantiles from the
-held-out good images only, state round trip, and runs under sequential, replay and joint.
+"""EfficientAD: hard-feature loss on a worked example, PDN/autoencoder shapes and seed 003's parameter
+counts, cached teacher distillation and ``distill-teacher``'s provenance, the teacher paths (a file
+loaded with weights_only, a stand-in distilled on generic images only, with a warning, refused
+under require_pretrained), a short training run (loss down, finite maps), map quantiles from the
+held-out good images only, optimizer_state keep, state round trip, and runs under sequential,
+replay and joint. Parity with anomalib: ``test_parity_efficientad.py``.
 
 Kept fast (2 shared CPU cores): 64 px, a small synthetic dataset of its own (2 categories, 6
 training images each), a tiny teacher distilled once from resnet18 on 4 images, 1-2 epochs,
-4 penalty images."""
+4 penalty images, 64 teacher channels."""
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -25,13 +30,15 @@ from methods.pdn import (
     build_pdn,
     count_parameters,
     distill_teacher,
+    images_digest,
     load_pdn_weights,
     pdn_output_size,
     provenance_path,
 )
+from methods.penalty import folder_images, procedural_images
 
 SIZE = 64
-FAST = {"penalty_images": 4, "backbone": "resnet18", "out_channels": 64}  # 64 teacher channels: 2x faster
+FAST = {"penalty_images": 4, "standin_images": 4, "backbone": "resnet18", "out_channels": 64}  # 64 channels: 2x faster
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +51,14 @@ def root(tmp_path_factory) -> Path:
     return out
 
 
-def context(max_epochs: int = 2) -> MethodContext:
+def context(max_epochs: int = 2, require_pretrained: bool = False) -> MethodContext:
     pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=1 << 30, spill_dir=None)
-    return MethodContext(pool, torch.device("cpu"), image_size=SIZE, seed=0, progress=False, max_epochs=max_epochs)
+    return MethodContext(pool, torch.device("cpu"), image_size=SIZE, seed=0, progress=False, max_epochs=max_epochs,
+                         require_pretrained=require_pretrained)
 
 
-def category(root: Path, val_fraction: float = 0.34):
-    name = sorted(p.name for p in root.iterdir())[0]
+def category(root: Path, name: str | None = None, val_fraction: float = 0.34):
+    name = name or sorted(p.name for p in root.iterdir())[0]
     return name, load_category(root, name, val_fraction=val_fraction)
 
 
@@ -135,20 +143,25 @@ def test_distill_teacher_command(root: Path, tmp_path: Path, capsys) -> None:
             "--out-channels", "64", "--max-images", "3", "--no-progress"]
     args = parser.parse_args(argv)
     assert args.func(args) == 0 and out.is_file() and provenance_path(out).is_file()
-    assert json.loads(provenance_path(out).read_text())["num_images"] == 3
+    provenance = json.loads(provenance_path(out).read_text())
+    assert provenance["num_images"] == 3 and provenance["images"] == str((root / name / "train" / "good").resolve())
+    assert provenance["backbone"] == "resnet18" and provenance["pretrained"] is False
+    assert "random-init" in capsys.readouterr().out  # says it is not a pretrained teacher
     args = parser.parse_args(argv)
     assert args.func(args) == 0 and "reused" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
 def fitted(root: Path, tmp_path_factory):
-    """A model fitted for 2 epochs (batch 2) on 4 images, its teacher distilled automatically (cached in tmp)."""
+    """A model fitted for 2 epochs (batch 2) on 4 images without teacher_weights: a stand-in teacher
+    distilled on 4 procedural images (cached in tmp)."""
     name, cat = category(root)
     store = ImageStore(SIZE)
     val = CountingSet(cat.val, store)
     train = CountingSet(cat.train, store)
     params = dict(FAST, teacher_cache=str(tmp_path_factory.mktemp("cache")), distill_epochs=1, lr=1e-3, batch_size=2)
-    model = EfficientAD(context(max_epochs=2), **params)
+    with pytest.warns(UserWarning, match="no teacher_weights"):
+        model = EfficientAD(context(max_epochs=2), **params)
     model.fit_task(TaskData(0, (name,), train, val, seed=3))
     return model, params, cat, store, val, train
 
@@ -156,8 +169,7 @@ def fitted(root: Path, tmp_path_factory):
 def test_short_training_lowers_loss_and_gives_finite_maps(fitted) -> None:
     model, _, cat, store, _, _ = fitted
     info = model.fit_info
-    assert info["teacher_source"] == 1.0 and info["teacher_pretrained_backbone"] == 0.0
-    assert model.teacher_info["distillation"]["backbone"] == "resnet18" and bool(model.teacher_ready)
+    assert info["teacher_source"] == 1.0 and info["teacher_standin"] == 1.0 and info["teacher_pretrained_backbone"] == 0.0
     assert info["penalty_procedural"] == 1.0
     assert info["epochs_run"] == 2 and info["iterations"] == 2 * 2 and len(cat.train) == 4
     assert info["train_loss_last"] < info["train_loss_first"]
@@ -165,6 +177,97 @@ def test_short_training_lowers_loss_and_gives_finite_maps(fitted) -> None:
     prediction = model.predict(batch)
     assert prediction.maps.shape == (5, SIZE, SIZE) and torch.isfinite(prediction.maps).all()
     assert torch.equal(prediction.scores, prediction.maps.flatten(1).amax(1))
+
+
+def test_standin_teacher_is_distilled_on_generic_images_never_the_task_data(fitted, root: Path) -> None:
+    model, params, cat, store, _, train = fitted
+    teacher = model.teacher_info
+    assert teacher["kind"] == "stand-in" and teacher["backbone"] == "resnet18" and teacher["pretrained"] is False
+    assert teacher["source_images"].startswith("procedural") and bool(model.teacher_ready)
+    # distilled on the procedural images, not on the task's: their hash is in the provenance
+    assert teacher["distillation"]["images_sha256"] == images_digest(procedural_images(4, SIZE, seed=0))
+    # the training stream was read for the teacher statistics (1 pass) and 2 epochs only (before:
+    # one more pass to distil the teacher on it)
+    assert train.images_read == len(cat.train) * (1 + model.fit_info["epochs_run"])
+    # another task gives the same teacher: the cached one (its identity includes the images' hash)
+    other_name = sorted(p.name for p in root.iterdir())[1]
+    _, other = category(root, other_name)
+    with pytest.warns(UserWarning, match="no teacher_weights"):
+        second = EfficientAD(context(max_epochs=1), **params)
+    second.fit_task(TaskData(0, (other_name,), SampleSet(other.train[:1], store), SampleSet((), store)))
+    assert second.fit_info["teacher_source"] == 2.0 and second.teacher_info["file"] == teacher["file"]
+    assert all(torch.equal(a, b) for a, b in zip(model.teacher.state_dict().values(), second.teacher.state_dict().values()))
+
+
+def test_standin_teacher_uses_penalty_dir_when_given(root: Path, tmp_path: Path) -> None:
+    name, _ = category(root, sorted(p.name for p in root.iterdir())[1])
+    generic = tmp_path / "generic"  # stands for Imagenette: any folder of images that are not task data
+    generic.mkdir()
+    for i, path in enumerate(sorted((root / name / "test").rglob("*.png"))[:3]):
+        (generic / f"{i}.png").write_bytes(path.read_bytes())
+    params = dict(FAST, penalty_dir=str(generic), teacher_cache=str(tmp_path / "cache"), distill_epochs=1)
+    with pytest.warns(UserWarning, match=f"penalty_dir '{generic}'"):
+        model = EfficientAD(context(max_epochs=1), **params)
+    model._distil_standin()
+    teacher = model.teacher_info
+    assert teacher["kind"] == "stand-in" and str(generic) in teacher["source_images"]
+    assert teacher["distillation"]["images_sha256"] == images_digest(folder_images(generic, 4, SIZE, seed=0))
+    assert model._teacher_fit_info()["teacher_distill_images"] == 3.0
+
+
+def test_missing_teacher_weights_warns_and_logs_what_to_pass(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="clbench"):
+        with pytest.warns(UserWarning, match=r"--param teacher_weights=PATH.*clbench distill-teacher --backbone wide_resnet50_2"):
+            EfficientAD(context(), **FAST)
+    assert any("stand-in teacher" in r.getMessage() and "distill-teacher" in r.getMessage() for r in caplog.records)
+
+
+def test_require_pretrained_refuses_a_missing_or_random_init_teacher(teacher_file: Path, tmp_path: Path) -> None:
+    strict = context(require_pretrained=True)
+    with pytest.raises(ValueError, match=r"teacher_weights is required.*clbench distill-teacher") as err:
+        EfficientAD(strict, **FAST)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="random-init backbone"):  # teacher_file's provenance: weights none
+        EfficientAD(strict, teacher_weights=str(teacher_file), **FAST)
+    # no provenance at all (e.g. anomalib's pretrained_teacher_small.pth): accepted, recorded as unknown
+    plain = tmp_path / "plain.pth"
+    torch.save(build_pdn("small", 64).state_dict(), plain)
+    model = EfficientAD(strict, teacher_weights=str(plain), **FAST)
+    assert model.teacher_info["pretrained"] == "unknown" and model.teacher_info["kind"] == "file"
+    assert math.isnan(model._teacher_fit_info()["teacher_pretrained_backbone"])
+    assert model._teacher_fit_info()["teacher_standin"] == 0.0
+
+
+def test_teacher_file_is_loaded_with_weights_only(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file at all")
+    with pytest.raises(ValueError, match=f"teacher_weights: '{garbage}'") as err:
+        EfficientAD(context(), teacher_weights=str(garbage), **FAST)
+    assert "\n" not in str(err.value)
+    pickled = tmp_path / "module.pth"  # a whole pickled module needs weights_only=False: refused
+    torch.save(build_pdn("small", 64), pickled)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        EfficientAD(context(), teacher_weights=str(pickled), **FAST)
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        EfficientAD(context(), teacher_weights=str(tmp_path / "missing.pth"), **FAST)
+
+
+def test_optimizer_state_keep_reuses_one_optimiser_across_tasks(root: Path, teacher_file: Path) -> None:
+    name, cat = category(root)
+    store = ImageStore(SIZE)
+    data = TaskData(0, (name,), SampleSet(cat.train[:1], store), SampleSet((), store))
+    model = EfficientAD(context(max_epochs=1), teacher_weights=str(teacher_file), optimizer_state="keep", **FAST)
+    model.fit_task(data)
+    first = model._kept_optimiser
+    model.fit_task(data)
+    assert model._kept_optimiser is first
+    assert int(next(iter(first.state.values()))["step"]) == 2  # one iteration per task, moments carried
+    # the per-task StepLR dropped 1e-4 to 1e-5 after the single iteration of each task, from 1e-4 again
+    # at the second task (not 1e-6)
+    assert first.param_groups[0]["lr"] == pytest.approx(1e-5)
+    reset = EfficientAD(context(max_epochs=1), teacher_weights=str(teacher_file), **FAST)
+    reset.fit_task(data)
+    assert reset._kept_optimiser is None and reset.training_state() == {}
 
 
 def test_quantiles_come_from_held_out_good_images_only(fitted) -> None:
@@ -185,7 +288,8 @@ def test_quantiles_come_from_held_out_good_images_only(fitted) -> None:
 
 def test_state_round_trip_gives_identical_predictions(fitted) -> None:
     model, params, cat, store, _, _ = fitted
-    fresh = EfficientAD(context(), **params)
+    with pytest.warns(UserWarning, match="no teacher_weights"):
+        fresh = EfficientAD(context(), **params)
     fresh.load_method_state(model.state_dict())
     assert bool(fresh.teacher_ready) and fresh.teacher_info == model.teacher_info
     batch = next(SampleSet(cat.test, store).batches(4))
