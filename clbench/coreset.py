@@ -8,12 +8,16 @@ pairwise distances well enough for the argmax while making each step ~6x cheaper
 
 General purpose: nothing here knows about PatchCore. Choices made where the papers are vague:
 
-* The first centre is a seeded random index and is *part of* the coreset (Gonzalez's algorithm).
-  anomalib's ``KCenterGreedy`` uses its random start only to initialise the distances and leaves
-  it out of the result; apart from that the two select the same points in the same order.
-* The projection target dimension is sklearn's ``johnson_lindenstrauss_min_dim(n, eps)``; when it
-  is not smaller than the feature dimension (tiny inputs) the features are used unprojected,
-  where sklearn would raise.
+* The first centre is a seeded random index and is *part of* the coreset (Gonzalez's algorithm),
+  as in anomalib 2.7.0's ``KCenterGreedy`` (older anomalib releases left their random start out).
+  Given the same points and start the two select the same points in the same order, and for the
+  same seed the start is the same draw (``torch.randint`` on a generator seeded with it): tested
+  against the library in tests/test_coreset.py. The paper's code (clad ``get_coreset_idx_randomp``)
+  starts at index 0, projects with an unseeded sklearn ``SparseRandomProjection`` and runs the
+  loop in float16 on a GPU.
+* The projection target dimension is sklearn's ``johnson_lindenstrauss_min_dim(n, eps)`` (anomalib's
+  formula too); when it is not smaller than the feature dimension (tiny inputs) the features are
+  used unprojected, where sklearn would raise and anomalib would project *up*.
 * The projection matrix follows sklearn's/anomalib's ``SparseRandomProjection`` density rule
   (Li et al., 2006: density 1/sqrt(n_features), entries +-sqrt(1/density)/sqrt(n_components)),
   drawn with a seeded torch generator on the CPU so it is the same on every device.

@@ -1,22 +1,37 @@
-"""PaDiM, continual: one Gaussian per patch position, averaged over tasks (seed 003, Algorithm 1).
+"""PaDiM, continual: one Gaussian per patch position, updated task after task (seed 003, Algorithm 1).
 
 Embedding: frozen backbone layers (ResNet: layer1-3) upsampled (nearest) to the first layer's grid
 and concatenated; a seeded random subset of ``n_features`` channels (PaDiM's random dimensionality
-reduction). Per task t, the patch-wise mean mu_t and covariance Sigma_t (unbiased, + epsilon*I, PaDiM
-eq. 1) are estimated from the task's training images in one streaming pass (Chan et al.'s pairwise
-merge of batch means and centred scatter matrices, stable in float32). Continual update after
-task t (1-based)::
+reduction; kept sorted, so the order differs from anomalib's ``idx`` but the channels are the
+same). Per step, the patch-wise mean and centred scatter matrix of the step's training images are
+accumulated in one streaming pass (Chan et al.'s pairwise merge, stable in float32); the
+covariance is unbiased, ``scatter / (N - 1) + epsilon * I`` (PaDiM eq. 1, epsilon 0.01 as PaDiM).
 
-    mu    <- ((t-1) * mu    + mu_t)    / t
-    Sigma <- ((t-1) * Sigma + Sigma_t) / t
+Continual update (``average``), after step t (1-based), weights (t-1)/t and 1/t:
 
-Choice made: we average the *covariance*, as the paper's Algorithm 1 writes. (The benchmark
-paper's own code averages the inverse covariance instead; following the paper keeps the averaged
-statistic a valid covariance of the task mixture's within-task spread.) The inverse is computed once
-per task (Cholesky) and kept as a derived, non-persistent buffer for scoring.
+* ``covariance`` (default): mean and covariance averaged, as seed 003's Algorithm 1 writes it;
+  the averaged statistic stays a covariance (of the tasks' within-task spread). The spec is the
+  reference, hence the default. State: mean + covariance; the inverse is a derived cache.
+* ``precision``: what the benchmark paper's code does (clad ``src/trainer/trainer_padim.py``):
+  mean averaged the same way, and the *inverse* ``(Sigma_t + epsilon I)^-1`` (epsilon added per
+  task before inverting) averaged instead of the covariance. **Use it to compare with the paper's
+  table** (with ``epsilon=0.04`` and ``image_score="patch"``, the code's values). State: mean +
+  precision (no covariance is kept at all).
+* ``pooled``: the exact mean and covariance of the union of all images seen so far (N-weighted,
+  between-task scatter included): after T steps it equals a joint fit on the same images. State:
+  mean + unnormalised scatter + image count (enough to merge exactly and to resume); epsilon is
+  added once to the pooled covariance. Under replay a replayed image counts each time it is seen.
 
-Score: Mahalanobis distance per patch, upsampled (bilinear) to the input size, Gaussian-smoothed
-(sigma 4); image score = max of the map (seed 003, 1.1.3).
+Score: Mahalanobis distance per patch (PaDiM eq. 2), upsampled (bilinear) to the input size and
+Gaussian-smoothed (sigma 4), as anomalib 2.7.0 (``models/image/padim/anomaly_map.py``). Image score
+(``image_score``): ``map`` (default) the maximum of that smoothed map (anomalib, and the widely
+used unofficial PaDiM code); ``patch`` the maximum of the raw patch distances before upsampling (seed 003 1.1.3 read
+literally, and clad's ``torch.max(s_map)``).
+
+Checked against anomalib 2.7.0's ``PadimModel`` (tests/test_parity_padim.py): equal to float
+tolerance once ``epsilon = 0.01 + 1e-5``, since anomalib adds a further 1e-5 * I "stabiliser" to
+its 0.01 (``components/stats/multi_variate_gaussian.py``); we keep PaDiM's plain 0.01.
+Inverses: float64 Cholesky per position (anomalib: float32 ``linalg.inv``).
 """
 from __future__ import annotations
 
@@ -33,10 +48,50 @@ from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, Task
 # Channels kept after random reduction: PaDiM's 100 for ResNet18, seed 003's 350 for WRN50-2.
 DEFAULT_FEATURES = {"resnet18": 100, "wide_resnet50_2": 350}
 FALLBACK_FEATURES = 100
+AVERAGES = ("covariance", "precision", "pooled")
+IMAGE_SCORES = ("map", "patch")
+INVERSE_CHUNK = 256  # patch positions inverted at once (bounds the float64 temporaries)
 
 
 def default_n_features(backbone: str, total: int) -> int:
     return min(total, DEFAULT_FEATURES.get(backbone.split(".")[0], FALLBACK_FEATURES))
+
+
+def regularised_covariance(scatter: torch.Tensor, count: int, epsilon: float) -> torch.Tensor:
+    """Unbiased covariance ``scatter / (count - 1) + epsilon * I`` (PaDiM eq. 1), (P, d, d), new tensor."""
+    covariance = scatter / max(count - 1, 1)
+    covariance.diagonal(dim1=-2, dim2=-1).add_(epsilon)
+    return covariance
+
+
+def spd_inverse(matrices: torch.Tensor) -> torch.Tensor:
+    """Inverse of symmetric positive-definite (P, d, d) matrices: float64 Cholesky, float32 result."""
+    out = torch.empty_like(matrices, dtype=torch.float32)
+    for begin in range(0, matrices.shape[0], INVERSE_CHUNK):
+        chol = torch.linalg.cholesky(matrices[begin : begin + INVERSE_CHUNK].double())
+        out[begin : begin + INVERSE_CHUNK] = torch.cholesky_inverse(chol).float()
+    return out
+
+
+def merge_moments(
+    count_a: int, mean_a: torch.Tensor, scatter_a: torch.Tensor, count_b: int, mean_b: torch.Tensor, scatter_b: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Count, mean (P, d) and centred scatter (P, d, d) of the union of two samples (Chan et al.).
+
+    ``scatter_a`` is updated in place and returned: no (P, d, d) temporary (1.5 GB for WRN50-2).
+    """
+    total = count_a + count_b
+    delta = mean_b - mean_a
+    scatter = scatter_a.add_(scatter_b).baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=count_a * count_b / total)
+    return total, mean_a + delta * (count_b / total), scatter
+
+
+def check_choices(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` itself, after a one-line error for an unknown ``average`` or ``image_score``."""
+    for key, choices in (("average", AVERAGES), ("image_score", IMAGE_SCORES)):
+        if params[key] not in choices:
+            raise ValueError(f"method_params: {key} '{params[key]}' is not one of {', '.join(choices)}")
+    return params
 
 
 @METHODS.register("padim")
@@ -45,14 +100,16 @@ class PaDiM(AnomalyMethod):
         "backbone": "resnet18",
         "layers": ["layer1", "layer2", "layer3"],
         "n_features": None,  # None: 100 for resnet18, 350 for wide_resnet50_2 (seed 003)
-        "epsilon": 0.01,
+        "epsilon": 0.01,  # PaDiM's; clad uses 0.04, anomalib 0.01 + 1e-5
+        "average": "covariance",  # continual update: covariance (seed 003) | precision (clad) | pooled
+        "image_score": "map",  # map: max of the smoothed map (anomalib) | patch: max patch distance (clad)
         "sigma": 4.0,
         "batch_size": 32,
     }
 
     def __init__(self, context: MethodContext, **params: Any) -> None:
         super().__init__(context, **params)
-        p = self.params
+        p = check_choices(self.params)
         self.backbone = context.backbones.get(p["backbone"], p["layers"])
         total = sum(self.backbone.channels)
         n_features = p["n_features"] or default_n_features(p["backbone"], total)
@@ -62,9 +119,15 @@ class PaDiM(AnomalyMethod):
         index = torch.randperm(total, generator=generator)[:n_features].sort().values
         self.register_buffer("channel_index", index)
         self.register_buffer("mean", torch.empty(0))
-        self.register_buffer("covariance", torch.empty(0))
         self.register_buffer("n_tasks", torch.zeros((), dtype=torch.long))
-        self.register_buffer("precision", torch.empty(0), persistent=False)
+        mode = p["average"]
+        if mode == "covariance":
+            self.register_buffer("covariance", torch.empty(0))
+        elif mode == "pooled":
+            self.register_buffer("scatter", torch.empty(0))
+            self.register_buffer("n_images", torch.zeros((), dtype=torch.long))
+        # the inverse covariance: the state itself in precision mode, a derived cache otherwise
+        self.register_buffer("precision", torch.empty(0), persistent=mode == "precision")
 
     def frozen_backbones(self):
         return [self.backbone]
@@ -90,49 +153,61 @@ class PaDiM(AnomalyMethod):
 
     # -- learning ------------------------------------------------------------------------------
     @torch.no_grad()
-    def task_statistics(self, data: TaskData) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch-wise mean (P, d) and covariance (P, d, d) of one step's training images."""
+    def task_moments(self, data: TaskData) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Image count, patch-wise mean (P, d) and centred scatter (P, d, d) of one step's images."""
         count = 0
         mean = scatter = None
         for batch in data.train.batches(self.params["batch_size"]):
             emb = self.embed(batch).transpose(0, 1)  # (P, B, d)
-            n_b = emb.shape[1]
             mean_b = emb.mean(dim=1)
             centred = emb - mean_b.unsqueeze(1)
             scatter_b = centred.transpose(1, 2) @ centred  # (P, d, d)
             if mean is None:
-                mean, scatter, count = mean_b, scatter_b, n_b
-                continue
-            total = count + n_b
-            delta = mean_b - mean
-            scatter = scatter + scatter_b + delta.unsqueeze(2) * delta.unsqueeze(1) * (count * n_b / total)
-            mean = mean + delta * (n_b / total)
-            count = total
+                count, mean, scatter = emb.shape[1], mean_b, scatter_b
+            else:
+                count, mean, scatter = merge_moments(count, mean, scatter, emb.shape[1], mean_b, scatter_b)
         if mean is None:
             raise ValueError(f"PaDiM: no training images for tasks {data.task_names}")
-        d = mean.shape[1]
-        covariance = scatter / max(count - 1, 1)
-        covariance += self.params["epsilon"] * torch.eye(d, device=covariance.device)
-        return mean, covariance
+        return count, mean, scatter
+
+    def task_statistics(self, data: TaskData) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch-wise mean (P, d) and regularised covariance (P, d, d) of one step's images."""
+        count, mean, scatter = self.task_moments(data)
+        return mean, regularised_covariance(scatter, count, self.params["epsilon"])
 
     @torch.no_grad()
     def fit_task(self, data: TaskData) -> None:
-        mean_t, cov_t = self.task_statistics(data)
+        count, mean_t, scatter_t = self.task_moments(data)
         t = int(self.n_tasks.item()) + 1
-        if t == 1:
-            self.mean, self.covariance = mean_t, cov_t
+        mode, epsilon = self.params["average"], self.params["epsilon"]
+
+        def average(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            return new if t == 1 else old.mul_((t - 1) / t).add_(new, alpha=1 / t)
+
+        if mode == "pooled":
+            if t == 1:
+                total, mean, scatter = count, mean_t, scatter_t
+            else:
+                total, mean, scatter = merge_moments(int(self.n_images), self.mean, self.scatter, count, mean_t, scatter_t)
+            self.mean, self.scatter = mean, scatter
+            self.n_images.fill_(total)
         else:
-            self.mean = self.mean * ((t - 1) / t) + mean_t / t
-            self.covariance = self.covariance * ((t - 1) / t) + cov_t / t
+            self.mean = average(self.mean, mean_t)
+            covariance_t = regularised_covariance(scatter_t, count, epsilon)
+            if mode == "covariance":
+                self.covariance = average(self.covariance, covariance_t)
+            else:  # precision: average the per-task inverses (clad)
+                self.precision = average(self.precision, spd_inverse(covariance_t))
         self.n_tasks.fill_(t)
         self.on_state_loaded()
 
     def on_state_loaded(self) -> None:
-        """Inverse covariance, once per task, via Cholesky in float64 for stability."""
-        if self.covariance.numel() == 0:
-            return
-        chol = torch.linalg.cholesky(self.covariance.double())
-        self.precision = torch.cholesky_inverse(chol).float()
+        """Rebuild the inverse covariance used for scoring (nothing to do in precision mode)."""
+        mode = self.params["average"]
+        if mode == "covariance" and self.covariance.numel():
+            self.precision = spd_inverse(self.covariance)
+        elif mode == "pooled" and self.scatter.numel():
+            self.precision = spd_inverse(regularised_covariance(self.scatter, int(self.n_images), self.params["epsilon"]))
 
     # -- scoring -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -147,21 +222,30 @@ class PaDiM(AnomalyMethod):
         maps = distance.reshape(len(batch), side, -1)
         maps = gaussian_blur(upsample(maps, self.context.image_size), self.params["sigma"])
         maps = finite_or_raise(maps, "PaDiM").float().cpu()
-        return Prediction(maps=maps, scores=maps.flatten(1).amax(dim=1))
+        if self.params["image_score"] == "patch":
+            scores = distance.amax(dim=1).float().cpu()
+        else:
+            scores = maps.flatten(1).amax(dim=1)
+        return Prediction(maps=maps, scores=scores)
 
     # -- analytic memory ----------------------------------------------------------------------
     @classmethod
     def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
-        """fp32 mean (P, d) + covariance (P, d, d): the state that persists across tasks (seed 003's
-        1541 MB for WRN50-2 at 224 px: P = 56*56 = 3136, d = 350). The inverse used for scoring is
-        a derived cache of the covariance's size, listed separately."""
-        p = cls.resolve_params(params)
+        """fp32 mean (P, d) + one (P, d, d) matrix per position that persists across tasks: the
+        covariance (``covariance``; seed 003's 1541 MB for WRN50-2 at 224 px: P = 56*56 = 3136,
+        d = 350), the precision (``precision``) or the scatter (``pooled``). Where the persistent
+        matrix is not the precision, the inverse used for scoring is a derived cache of that size,
+        listed separately. Scalar counters and the channel index are left out."""
+        p = check_choices(cls.resolve_params(params))
         channels, reductions = feature_info(p["backbone"], p["layers"])
         d = p["n_features"] or default_n_features(p["backbone"], sum(channels))
         side = -(-image_size // reductions[0])
         patches = side * side
-        return {
-            "method_state/mean": patches * d * 4,
-            "method_state/covariance": patches * d * d * 4,
-            "method_cache/precision": patches * d * d * 4,
-        }
+        matrix = patches * d * d * 4
+        memory = {"method_state/mean": patches * d * 4}
+        if p["average"] == "precision":
+            memory["method_state/precision"] = matrix
+        else:
+            memory[f"method_state/{'covariance' if p['average'] == 'covariance' else 'scatter'}"] = matrix
+            memory["method_cache/precision"] = matrix
+        return memory

@@ -4,6 +4,8 @@ Embedding (PatchCore's locally aware patch features): frozen backbone layers (WR
 layer3), each averaged over its 3x3 neighbourhood (``avg_pool2d(3, stride 1, padding 1)``, zero
 padding counted, as anomalib's ``AvgPool2d(3, 1, 1)``), deeper layers upsampled (bilinear) to the
 first layer's grid and concatenated: 512 + 1024 = 1536 dims on a 28x28 grid at 224 px.
+``aggregation="clad"``: the paper's code instead pools without padding and resamples every layer
+with ``AdaptiveAvgPool2d`` to the first layer's grid (clad ``src/trainer/trainer_patchcore.py``).
 
 Memory (seed 003, Algorithm 2). One budget of patches (30000). When task i+1 arrives with i tasks
 learned, every stored bank is re-subsampled to ``budget // (i+1)`` and the new task's patches are
@@ -12,22 +14,35 @@ see ``clbench.coreset``); a bank already smaller than its target is kept whole, 
 exceeds the budget. A joint step (several tasks at once) makes one bank with the whole budget.
 Banks live in one concatenated ``memory_bank`` (M, D) float32 buffer with ``bank_sizes`` (n,) and
 ``bank_tasks`` (n,) (how many tasks each bank was learned from) int64 buffers, so ``state_dict``
-carries them; the faiss indexes are derived caches rebuilt from the buffers.
+carries them; the faiss indexes are derived caches rebuilt from the buffers. (The paper's code:
+``mem_size_cl`` 10000 in ``configurations/models/patchcore.json``, ``int(mem_size / (i+1))`` per
+bank, ``f_coreset`` 0.1 used only outside CL; set ``budget=10000`` to match it.)
 
 Scoring (seed 003, 1.2.4). Each test patch's Euclidean distance to its nearest neighbour in every
 bank (faiss ``IndexFlatL2``, exact; all patches of a batch in one search per bank); the bank with
 the lowest mean patch distance is the image's task (``extras["task_index"]``, only when every
-bank holds one task; after a joint step the single bank says nothing about the task). The pixel
-map is the selected bank's distance map, upsampled (bilinear) to the input and Gaussian-smoothed
-(sigma 4). Image score: PatchCore eq. 7 as anomalib computes it,
+bank holds one task; after a joint step the single bank says nothing about the task), as the
+paper's code does per test image. The pixel map is the selected bank's distance map, upsampled
+to the input and Gaussian-smoothed (sigma 4). Upsampling (``upsample_mode``): ``bilinear``
+(default: PatchCore's reference code, ``RescaleSegmentor`` in amazon-science/patchcore-inspection
+``src/patchcore/common.py``, and clad's) or ``nearest`` (anomalib 2.7.0's
+``AnomalyMapGenerator`` calls ``F.interpolate`` without a mode). Image score: PatchCore eq. 7,
 
     s* = max_p dist(m_test_p, M),   m* = nearest bank patch of that m_test*,
     w  = 1 - exp(||m_test* - m*||) / sum_{m in N_b(m*)} exp(||m_test* - m||),   score = w * s*
 
-with N_b(m*) the ``num_neighbors`` (3, seed 003) nearest bank patches of m*, m* itself included
-(its own first neighbour). Choices: the support distances are computed exactly (difference
-norms) rather than through the BLAS expansion; with ``num_neighbors == 1`` the score is s*
-(anomalib's shortcut).
+Reweighting neighbourhood N_b(m*): the ``num_neighbors`` nearest bank patches of m*, m* itself
+included (its own first neighbour). Default 3: seed 003 1.2.4 ("its 3 nearest memorized
+neighbors") and the paper's code (``self.n_reweight = 3``, clad ``src/models/patchcore.py``);
+anomalib's default is 9 (``PatchcoreModel(num_neighbors=9)``). ``score_weighting``: ``softmax``
+(default) is eq. 7 as written and as anomalib computes it; ``clad`` is the paper's code's variant
+(from ind_knn_ad): ``w = 1 - exp(s*/sqrt(D)) / sum exp(||m_test* - m||/sqrt(D))`` with the sum over
+the k-1 neighbours *other than* m* (``nn_idx[0, 1:]``; w in [1/2, 1) for k = 3). Choices: the support
+distances are computed exactly (difference norms) rather than through the BLAS expansion; with
+``num_neighbors == 1`` the score is s* (anomalib's shortcut), whatever the weighting.
+
+Checked against anomalib 2.7.0's ``PatchcoreModel`` (tests/test_parity_patchcore.py): same bank,
+maps equal with ``upsample_mode="nearest"``, image scores equal for ``num_neighbors`` 3 and 9.
 """
 from __future__ import annotations
 
@@ -44,15 +59,31 @@ from clbench.maps import finite_or_raise, gaussian_blur, upsample
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
 
 
-def patch_embedding(features: list[torch.Tensor], pool: int = 3) -> torch.Tensor:
-    """(B, P, D): locally aggregated layers on the first layer's grid, concatenated, row-major."""
+CHOICES = {
+    "score_weighting": ("softmax", "clad"),
+    "aggregation": ("padded", "clad"),
+    "upsample_mode": ("bilinear", "nearest"),
+}
+
+
+def patch_embedding(features: list[torch.Tensor], pool: int = 3, aggregation: str = "padded") -> torch.Tensor:
+    """(B, P, D): locally aggregated layers on the first layer's grid, concatenated, row-major.
+
+    ``padded``: ``avg_pool2d(pool, 1, pool // 2)`` (zero padding counted, anomalib's ``AvgPool2d(3,
+    1, 1)``), deeper layers upsampled bilinearly. ``clad``: the paper's code, ``AvgPool2d(pool,
+    stride=1)`` without padding (28 -> 26, 14 -> 12 at 224 px), then ``AdaptiveAvgPool2d`` of every
+    layer to the first layer's unpooled grid (26 -> 28 and 12 -> 28).
+    """
     grid = features[0].shape[-2:]
     parts = []
     for level in features:
-        if pool > 1:
-            level = F.avg_pool2d(level, pool, stride=1, padding=pool // 2)
-        if level.shape[-2:] != grid:
-            level = F.interpolate(level, size=grid, mode="bilinear", align_corners=False)
+        if aggregation == "clad":
+            level = F.adaptive_avg_pool2d(F.avg_pool2d(level, pool, stride=1), grid)
+        else:
+            if pool > 1:
+                level = F.avg_pool2d(level, pool, stride=1, padding=pool // 2)
+            if level.shape[-2:] != grid:
+                level = F.interpolate(level, size=grid, mode="bilinear", align_corners=False)
         parts.append(level)
     return torch.cat(parts, dim=1).flatten(2).transpose(1, 2).contiguous()
 
@@ -66,16 +97,23 @@ def bank_targets(sizes: list[int], new_size: int, budget: int) -> list[int]:
 
 
 def reweighted_score(
-    test_patch: torch.Tensor, support: torch.Tensor, max_distance: torch.Tensor
+    test_patch: torch.Tensor, support: torch.Tensor, max_distance: torch.Tensor, weighting: str = "softmax"
 ) -> torch.Tensor:
-    """PatchCore eq. 7 for a batch: ``(1 - softmax(||m_test* - support||)[0]) * s*``.
+    """PatchCore eq. 7 for a batch: the weight w times s*.
 
-    test_patch (B, D): m_test*; support (B, k, D): m* first, then its other neighbours in the bank;
-    max_distance (B,): s*. Softmax instead of raw exponentials: same ratio, no overflow.
+    test_patch (B, D): m_test*; support (B, k, D): m* first, then its k-1 nearest other bank
+    patches; max_distance (B,): s* = ||m_test* - m*||.
+    ``softmax`` (anomalib): ``w = 1 - softmax_k(||m_test* - support_k||)[m*]``, the paper's eq. 7.
+    ``clad`` (the paper's code): ``w = 1 - exp(s*/sqrt(D)) / sum_{k >= 1} exp(||m_test* - support_k||
+    / sqrt(D))``, the denominator over the k-1 neighbours *without* m*, temperature sqrt(D).
+    Both computed through softmax / logsumexp: the same ratios, no overflow.
     """
     distances = torch.linalg.vector_norm(support - test_patch.unsqueeze(1), dim=-1)  # (B, k)
-    weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
-    return weights * max_distance
+    if weighting == "clad":
+        temperature = test_patch.shape[1] ** 0.5
+        log_ratio = max_distance / temperature - torch.logsumexp(distances[:, 1:] / temperature, dim=1)
+        return (1.0 - log_ratio.exp()) * max_distance
+    return (1.0 - torch.softmax(distances, dim=1)[:, 0]) * max_distance
 
 
 def neighbourhood(index: FlatL2Index, bank: torch.Tensor, centre: torch.Tensor, k: int) -> torch.Tensor:
@@ -102,6 +140,9 @@ class PatchCore(AnomalyMethod):
         "budget": 30000,  # patches in memory over all tasks (seed 003)
         "num_neighbors": 3,  # N_b(m*) of the score reweighting (seed 003: "3 nearest memorized neighbors")
         "projection_eps": 0.9,  # JL distortion of the coreset's random projection; None: no projection
+        "score_weighting": "softmax",  # softmax: eq. 7 as anomalib | clad: the paper's code's variant
+        "aggregation": "padded",  # padded: AvgPool2d(3, 1, 1) + bilinear (anomalib) | clad: unpadded + adaptive
+        "upsample_mode": "bilinear",  # map upsampling: bilinear (PatchCore's and clad's code) | nearest (anomalib)
         "sigma": 4.0,
         "batch_size": 32,
     }
@@ -113,6 +154,9 @@ class PatchCore(AnomalyMethod):
             raise ValueError(f"method_params: budget must be a positive integer, got {p['budget']!r}")
         if not isinstance(p["num_neighbors"], int) or p["num_neighbors"] < 1:
             raise ValueError(f"method_params: num_neighbors must be a positive integer, got {p['num_neighbors']!r}")
+        for key, choices in CHOICES.items():
+            if p[key] not in choices:
+                raise ValueError(f"method_params: {key} '{p[key]}' is not one of {', '.join(choices)}")
         self.backbone = context.backbones.get(p["backbone"], p["layers"])
         dim = sum(self.backbone.channels)
         self.register_buffer("memory_bank", torch.empty(0, dim))
@@ -126,7 +170,7 @@ class PatchCore(AnomalyMethod):
     # -- embedding -----------------------------------------------------------------------------
     def embed(self, batch: Batch) -> torch.Tensor:
         """(B, P, D) patch features of a batch, from the shared backbone's feature cache."""
-        return patch_embedding(self.backbone.features(batch))
+        return patch_embedding(self.backbone.features(batch), aggregation=self.params["aggregation"])
 
     def banks(self) -> list[torch.Tensor]:
         """Views (size_j, D) of the per-task banks inside ``memory_bank``."""
@@ -198,7 +242,7 @@ class PatchCore(AnomalyMethod):
             mine = task == j
             bank, index = banks[j], self._indexes[j]
             support = neighbourhood(index, bank, m_star[mine], min(k, len(bank)))
-            scores[mine] = reweighted_score(test_patch[mine], bank[support], s_star[mine])
+            scores[mine] = reweighted_score(test_patch[mine], bank[support], s_star[mine], self.params["score_weighting"])
         return scores
 
     @torch.no_grad()
@@ -215,7 +259,13 @@ class PatchCore(AnomalyMethod):
         chosen, chosen_nearest = distances[task, rows], nearest[task, rows]  # (B, P)
         scores = self.image_scores(emb, chosen, chosen_nearest, task)
         side = int(round(n_patches**0.5))
-        maps = gaussian_blur(upsample(chosen.reshape(n_images, side, -1), self.context.image_size), self.params["sigma"])
+        maps = chosen.reshape(n_images, side, -1)
+        if self.params["upsample_mode"] == "nearest":  # anomalib 2.7.0 (F.interpolate's default mode)
+            size = (self.context.image_size, self.context.image_size)
+            maps = F.interpolate(maps.unsqueeze(1), size=size, mode="nearest").squeeze(1)
+        else:
+            maps = upsample(maps, self.context.image_size)
+        maps = gaussian_blur(maps, self.params["sigma"])
         maps = finite_or_raise(maps, "PatchCore").float().cpu()
         extras = {"task_index": task.cpu()} if bool((self.bank_tasks == 1).all()) else {}
         return Prediction(maps=maps, scores=scores.float().cpu(), extras=extras)

@@ -1,10 +1,14 @@
-"""Greedy k-center coreset: brute-force agreement, uniqueness, determinism, coverage vs random
-subsets, and the JL projection's dimension against sklearn."""
+"""Greedy k-center coreset: the same picks as anomalib 2.7.0's ``KCenterGreedy`` (on its own
+projection, and unprojected for the same seed), covering radius within 10% of anomalib's,
+brute-force agreement, uniqueness, determinism, coverage vs random subsets, and the JL projection's
+dimension against sklearn and anomalib."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from anomalib.models.components.dimensionality_reduction import SparseRandomProjection as AnomalibProjection
+from anomalib.models.components.sampling import KCenterGreedy
 from sklearn.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
 
 from clbench.coreset import (
@@ -46,6 +50,38 @@ def test_matches_brute_force_greedy_without_projection() -> None:
     for start in (0, 37):
         ours = greedy_k_center(x, 15, start=start).tolist()
         assert ours == brute_force_greedy(x.double().numpy(), 15, start)
+
+
+def anomalib_picks(x: torch.Tensor, k: int, seed: int) -> tuple[list[int], torch.Tensor]:
+    """anomalib's selection (its random start drawn from the global generator seeded with ``seed``)
+    and the points it ran the greedy loop on (its projection of ``x``)."""
+    torch.manual_seed(seed)
+    sampler = KCenterGreedy(x, sampling_ratio=k / x.shape[0])
+    return sampler.select_coreset_idxs(), sampler.features
+
+
+def test_same_picks_as_anomalib_on_its_projection() -> None:
+    x = low_rank(2000, 256, seed=2)  # 256 > JL dim 187: anomalib projects
+    theirs, projected = anomalib_picks(x, 100, seed=0)
+    assert projected.shape == (2000, jl_min_dim(2000)) and len(theirs) == 100
+    assert greedy_k_center(projected, 100, start=theirs[0]).tolist() == theirs
+
+
+def test_same_coreset_as_anomalib_without_projection() -> None:
+    """anomalib skips its projection for non-2-D embeddings; the seeded start is the same draw."""
+    x = clustered(1500, 24, seed=4)
+    for seed in (0, 7):
+        theirs, _ = anomalib_picks(x.unsqueeze(1), 60, seed)
+        assert coreset_indices(x, 60, eps=None, seed=seed).tolist() == theirs
+
+
+def test_covering_radius_within_10_percent_of_anomalib() -> None:
+    """Different random projections pick different points: compare the k-center objective on the
+    original features, as a mean over 3 seeds (one seed's radius mostly reflects its projection)."""
+    x = low_rank(2000, 256, seed=3)
+    ours = [covering_radius(x, coreset_indices(x, 100, seed=s)) for s in range(3)]
+    theirs = [covering_radius(x, torch.tensor(anomalib_picks(x, 100, s)[0])) for s in range(3)]
+    assert np.mean(ours) <= 1.10 * np.mean(theirs)
 
 
 def test_coreset_without_projection_equals_plain_greedy() -> None:
@@ -109,6 +145,7 @@ def test_projection_dimension_matches_sklearn(n: int) -> None:
     assert jl_min_dim(n, 0.9) == expected
     matrix = sparse_random_matrix(1536, expected, seed=0)
     assert matrix.shape == (1536, expected)
+    assert AnomalibProjection(eps=0.9)._johnson_lindenstrauss_min_dim(n, eps=0.9) == expected
     if n == 1000:  # sklearn's own transformer agrees (it needs the data; keep that one small)
         data = np.zeros((n, 1536), dtype=np.float32)
         assert SparseRandomProjection(eps=0.9, random_state=0).fit(data).n_components_ == expected
@@ -123,6 +160,11 @@ def test_sparse_matrix_density_and_scale_follow_sklearn_rule() -> None:
     assert abs(nonzero.float().mean().item() - density) < 0.1 * density
     values = matrix[nonzero].abs().unique()
     assert values.numel() == 1 and values.item() == pytest.approx(np.sqrt(1 / density) / np.sqrt(k), rel=1e-6)
+    reference = AnomalibProjection(eps=0.9)  # anomalib's matrix: (k, d), the same entries' law
+    reference.n_components = k
+    theirs = reference._sparse_random_matrix(n_features=d)
+    assert theirs[theirs != 0].abs().unique().item() == pytest.approx(values.item(), rel=1e-6)
+    assert abs((theirs != 0).float().mean().item() - nonzero.float().mean().item()) < 0.1 * density
     signs = matrix[nonzero].sign()
     assert abs(signs.mean().item()) < 0.05
     assert torch.equal(matrix, sparse_random_matrix(d, k, seed=1))

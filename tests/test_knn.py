@@ -1,8 +1,12 @@
-"""Exact kNN: faiss IndexFlatL2 against brute-force torch.cdist (distances not squared)."""
+"""Exact kNN: faiss IndexFlatL2 against brute-force torch.cdist (distances not squared) and against
+anomalib 2.7.0's PatchCore nearest-neighbour search."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
+from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
 from clbench.knn import FlatL2Index, knn_faiss, knn_torch
 
@@ -58,3 +62,20 @@ def test_index_reuse_chunking_and_validation() -> None:
         index.search(queries, 51)
     with pytest.raises(ValueError, match="dims"):
         index.search(torch.randn(2, 9), 1)
+
+
+@pytest.mark.parametrize("k", [1, 9])
+def test_matches_anomalib_patchcore_search(k: int) -> None:
+    """anomalib's ``nearest_neighbors`` (BLAS expansion, min / topk) on the same bank and queries."""
+    g = torch.Generator().manual_seed(10 + k)
+    bank = torch.randn(600, 48, generator=g).relu()  # non-negative, like pooled CNN features
+    queries = torch.randn(250, 48, generator=g).relu()
+    owner = SimpleNamespace(memory_bank=bank, euclidean_dist=PatchcoreModel.euclidean_dist)
+    theirs_d, theirs_i = PatchcoreModel.nearest_neighbors(owner, queries, n_neighbors=k)
+    if k == 1:
+        theirs_d, theirs_i = theirs_d.unsqueeze(1), theirs_i.unsqueeze(1)
+    ours_d, ours_i = FlatL2Index(bank).search(queries, k)
+    torch.testing.assert_close(ours_d, theirs_d, rtol=1e-4, atol=1e-4)
+    ref_values, _ = brute_force(queries, bank, k + 1)
+    clear = untied(ref_values, k)
+    assert clear.float().mean() > 0.5 and torch.equal(ours_i[clear], theirs_i[clear])

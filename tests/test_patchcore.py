@@ -48,9 +48,11 @@ class Table(dict):
         return torch.stack([self[k] for k in batch.keys])
 
 
+POOL = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=0, spill_dir=None)  # one resnet18 for all
+
+
 def make_patchcore(table: Table, **params) -> PatchCore:
-    pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=0, spill_dir=None)
-    context = MethodContext(pool, torch.device("cpu"), image_size=2, seed=0, progress=False)
+    context = MethodContext(POOL, torch.device("cpu"), image_size=2, seed=0, progress=False)
     params = {"backbone": "resnet18", "sigma": 0.0, "batch_size": 4} | params
     model = PatchCore(context, **params)
     model.register_buffer("memory_bank", torch.empty(0, D))  # fake embeddings are D-dimensional
@@ -198,6 +200,12 @@ def test_state_round_trip_and_memory_accounting() -> None:
     assert memory["method_cache"] == bank_bytes  # faiss's copies of the banks
 
 
+@pytest.mark.parametrize("key, value", [("score_weighting", "max"), ("aggregation", "none"), ("upsample_mode", "bicubic")])
+def test_bad_choices_are_one_line_errors(key: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{key} '{value}' is not one of"):
+        make_patchcore(Table(), **{key: value})
+
+
 def test_predict_before_fit_is_an_error() -> None:
     model = make_patchcore(Table())
     with pytest.raises(RuntimeError, match="before any task"):
@@ -235,7 +243,7 @@ def test_end_to_end_through_the_engine(synthetic_root: Path, tmp_path: Path) -> 
     assert len(task_id) == 3 * 3 and task_id["value"].between(0, 1).all()
     memory = pd.read_csv(run_dir / "memory.csv")
     state = memory[memory["component"] == "method_state"].sort_values("step")["bytes"].tolist()
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["method"]
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["method"]
     sizes = saved["bank_sizes"].tolist()
     assert sizes == [333, 333, 333]
     assert saved["memory_bank"].shape == (999, 384)
