@@ -1,4 +1,4 @@
-"""Command line: ``clbench run | sweep | data synth | data check | memory | plot``."""
+"""Command line: ``clbench run | sweep | reproduce | report | data synth | data check | memory | plot``."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import yaml
 
 from clbench.config import ConfigError
+from clbench.profile import add_reproduce_parser
 from clbench.report import add_report_parser
 from clbench.sweep import add_sweep_parser
 
@@ -70,7 +71,12 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--task-order", dest="task_order", choices=["given", "shuffle"])
     p.add_argument("--backbone", help="timm model name, e.g. resnet18, wide_resnet50_2")
     p.add_argument("--weights", help="auto | none | imagenet | PATH to a local weights file")
-    p.add_argument("--image-size", dest="image_size", type=int)
+    p.add_argument("--image-size", dest="image_size", type=int, help="resize images to this size")
+    p.add_argument("--crop-size", dest="crop_size", type=int, help="then center-crop them to this size (e.g. 256 -> 224)")
+    p.add_argument("--require-pretrained", dest="require_pretrained", action="store_true", default=None,
+                   help="refuse to start if a backbone's weights resolve to random init")
+    p.add_argument("--allow-random-init", dest="require_pretrained", action="store_false",
+                   help="allow random-init backbones even if the config requires pretrained weights")
     p.add_argument("--val-fraction", dest="val_fraction", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--epochs-scale", dest="epochs_scale", type=float, help="scale trainable methods' epochs (e.g. 0.1)")
@@ -92,8 +98,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {
         key: getattr(args, key)
-        for key in ("method", "strategy", "task_order", "backbone", "weights", "image_size", "val_fraction",
-                    "seed", "device", "data_root", "output_dir", "name", "epochs_scale", "max_epochs")
+        for key in ("method", "strategy", "task_order", "backbone", "weights", "image_size", "crop_size", "val_fraction",
+                    "seed", "device", "data_root", "output_dir", "name", "epochs_scale", "max_epochs",
+                    "require_pretrained")
     }
     overrides["tasks"] = _parse_tasks(args.tasks)
     config = config_mod.load(args.config, overrides)
@@ -217,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
     add_sweep_parser(sub)
+    add_reproduce_parser(sub)
     add_report_parser(sub)
 
     data = sub.add_parser("data", help="datasets: generate the synthetic one, check one on disk")

@@ -26,10 +26,12 @@ class RunConfig:
     data_root: str = "data/synthetic"
     synthetic: bool = True  # generate the built-in synthetic dataset at data_root if missing (never into existing data)
     synthetic_categories: int = 15
-    image_size: int = 128
+    image_size: int = 128  # images are resized to image_size x image_size ...
+    crop_size: int | None = None  # ... then center-cropped to crop_size (PaDiM/PatchCore/CFA: 256 -> 224); None: no crop
     val_fraction: float = 0.1  # held-out good training images (never the test set)
     backbone: str | None = None  # overrides the method's backbone hyper-parameter
     weights: str = "auto"  # auto | none | imagenet | <path to a local weights file>
+    require_pretrained: bool = False  # refuse to start if a backbone's weights resolve to random init
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 32
@@ -38,6 +40,12 @@ class RunConfig:
     feature_cache_gb: float = 4.0  # RAM for cached frozen-backbone features; spills to disk beyond
     output_dir: str = "results"
     name: str | None = None  # run folder name; default <method>-<strategy>-<backbone>-seed<seed>
+    paper_profile: dict[str, Any] | None = None  # set by `clbench reproduce`: {name, differences} (recorded in env.json)
+
+    @property
+    def eval_size(self) -> int:
+        """The resolution methods see and are evaluated at: the crop if any, else ``image_size``."""
+        return self.crop_size or self.image_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,6 +81,11 @@ def validate(config: RunConfig, source: str = "config") -> RunConfig:
         value = getattr(c, key)
         _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{source}: '{key}' must be a positive integer, got {value!r}")
     _check(c.image_size >= 32, f"{source}: 'image_size' must be at least 32, got {c.image_size}")
+    if c.crop_size is not None:
+        _check(isinstance(c.crop_size, int) and not isinstance(c.crop_size, bool), f"{source}: 'crop_size' must be an integer or null, got {c.crop_size!r}")
+        _check(32 <= c.crop_size <= c.image_size, f"{source}: 'crop_size' must be in 32..image_size ({c.image_size}), got {c.crop_size}")
+    _check(isinstance(c.require_pretrained, bool), f"{source}: 'require_pretrained' must be true or false, got {c.require_pretrained!r}")
+    _check(c.paper_profile is None or isinstance(c.paper_profile, dict), f"{source}: 'paper_profile' must be a mapping or null, got {c.paper_profile!r}")
     _check(isinstance(c.seed, int) and not isinstance(c.seed, bool) and c.seed >= 0, f"{source}: 'seed' must be a non-negative integer, got {c.seed!r}")
     _check(isinstance(c.val_fraction, (int, float)) and 0 <= c.val_fraction < 1, f"{source}: 'val_fraction' must be in [0, 1), got {c.val_fraction!r}")
     _check(isinstance(c.feature_cache_gb, (int, float)) and c.feature_cache_gb >= 0, f"{source}: 'feature_cache_gb' must be >= 0, got {c.feature_cache_gb!r}")

@@ -162,14 +162,22 @@ def load_category(
 class ImageStore:
     """Decodes each image once at the run's resolution and keeps it as a uint8 CHW tensor.
 
-    Images: bilinear resize, grayscale expanded to 3 channels. Masks: nearest resize, binarised.
-    Keeping uint8 (not float) is 4x smaller and is also the replay buffer's storage format.
+    Images: bilinear resize to ``size`` x ``size``, grayscale expanded to 3 channels, then (with
+    ``crop``) a center crop of ``crop`` x ``crop`` (torchvision's ``CenterCrop`` offsets: round((size -
+    crop) / 2)), as the benchmark paper's code and PaDiM/PatchCore/CFA do (resize 256, crop 224).
+    Masks: nearest resize, binarised, the same crop. ``out_size`` is what methods see and what is
+    evaluated. Keeping uint8 (not float) is 4x smaller and is also the replay buffer's storage format.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, crop: int | None = None) -> None:
         if size <= 0:
             raise ValueError(f"image_size must be positive, got {size}")
+        if crop is not None and not 0 < crop <= size:
+            raise ValueError(f"crop_size must be in 1..image_size ({size}), got {crop}")
         self.size = size
+        self.crop = crop
+        self.out_size = crop or size
+        self._offset = int(round((size - self.out_size) / 2.0))
         self._images: dict[str, torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] = {}
 
@@ -177,9 +185,11 @@ class ImageStore:
         try:
             with Image.open(path) as img:
                 img = img.convert(mode).resize((self.size, self.size), resample)
-                return np.asarray(img)
+                array = np.asarray(img)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise DatasetError(f"{path}: unreadable or corrupt image ({err.__class__.__name__}: {err})") from None
+        o, n = self._offset, self.out_size
+        return array[o:o + n, o:o + n]
 
     def image(self, sample: Sample) -> torch.Tensor:
         cached = self._images.get(sample.key)
@@ -191,7 +201,7 @@ class ImageStore:
 
     def mask(self, sample: Sample) -> torch.Tensor:
         if sample.mask is None:
-            return torch.zeros(self.size, self.size, dtype=torch.bool)
+            return torch.zeros(self.out_size, self.out_size, dtype=torch.bool)
         cached = self._masks.get(sample.key)
         if cached is None:
             array = self._decode(sample.mask, "L", Image.Resampling.NEAREST)

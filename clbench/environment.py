@@ -65,5 +65,8 @@ def environment_info(config: RunConfig, device: torch.device, pool: BackbonePool
             "fraction": config.val_fraction,
             "counts": {c.name: len(c.val) for c in categories},
         },
-        "data": {"root": str(Path(config.data_root).resolve()), "synthetic": config.synthetic},
+        "data": {"root": str(Path(config.data_root).resolve()), "synthetic": config.synthetic,
+                 "image_size": config.image_size, "crop_size": config.crop_size, "eval_size": config.eval_size},
+        "require_pretrained": config.require_pretrained,
+        **({"paper_profile": config.paper_profile} if config.paper_profile is not None else {}),
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 import yaml
 
 from clbench import atomic, memory
-from clbench.backbones import BackbonePool
+from clbench.backbones import BackbonePool, random_init_message, resolve_weights
 from clbench.config import ConfigError, RunConfig
 from clbench.data import Category, ImageStore, SampleSet, list_categories, load_category
 from clbench.environment import environment_info
@@ -62,6 +63,21 @@ def ensure_dataset(config: RunConfig) -> Path:
         atomic.write_json(marker, {"generator": "clbench.synth", "size": config.image_size, "seed": 0})
         generate(root, categories=missing, size=config.image_size, seed=0)
     return root
+
+
+def check_pretrained(method_cls: type[AnomalyMethod], params: dict[str, Any], weights: str) -> None:
+    """``require_pretrained``: refuse (one line) a method backbone whose weights resolve to random init.
+
+    The backbones are those a method names in ``pretrained_backbones(params)`` if it defines it,
+    else its ``backbone`` hyper-parameter. Decided from the file system (``resolve_weights``)."""
+    hook = getattr(method_cls, "pretrained_backbones", None)
+    names = list(hook(params)) if hook is not None else ([params["backbone"]] if params.get("backbone") else [])
+    for name in names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # auto's random-init warning: the error below says it
+            info = resolve_weights(name, weights)
+        if not info.pretrained:
+            raise ConfigError(random_init_message(name, info))
 
 
 @dataclass
@@ -125,6 +141,8 @@ class Experiment:
                 raise ConfigError(f"backbone: method '{config.method}' takes no backbone")
             method_params["backbone"] = config.backbone
         self.method_params = self.method_cls.resolve_params(method_params)
+        if config.require_pretrained:
+            check_pretrained(self.method_cls, self.method_params, config.weights)
         self.resolved = config.to_dict() | {
             "tasks": list(self.tasks),
             "method_params": self.method_params,
@@ -145,10 +163,11 @@ class Experiment:
                     f"{self.run_dir}: run folder exists; pass --resume to continue it or --overwrite to start again"
                 )
             saved = yaml.safe_load(config_path.read_text())
+            defaults = RunConfig().to_dict()  # a key added since the run started counts as its default
             for key, value in self.resolved.items():
-                if key not in RESUME_FREE_KEYS and saved.get(key) != value:
+                if key not in RESUME_FREE_KEYS and saved.get(key, defaults.get(key)) != value:
                     raise ConfigError(
-                        f"{config_path}: cannot resume, '{key}' was {saved.get(key)!r} and is now {value!r}"
+                        f"{config_path}: cannot resume, '{key}' was {saved.get(key, defaults.get(key))!r} and is now {value!r}"
                     )
             checkpoint = self.run_dir / CHECKPOINT
             if not checkpoint.is_file():
@@ -168,15 +187,17 @@ class Experiment:
             self.config.seed,
             cache_bytes=int(self.config.feature_cache_gb * (1 << 30)),
             spill_dir=self.run_dir / "feature_cache",
+            require_pretrained=self.config.require_pretrained,
         )
         context = MethodContext(
-            pool, self.device, self.config.image_size, self.config.seed, self.progress,
+            pool, self.device, self.config.eval_size, self.config.seed, self.progress,
             epochs_scale=self.config.epochs_scale, max_epochs=self.config.max_epochs,
+            require_pretrained=self.config.require_pretrained,
         )
         method = self.method_cls(context, **self.method_params).to(self.device)
         strategy = self.strategy_cls(seed=self.config.seed, **self.config.strategy_params)
         strategy.progress = self.progress
-        return method, strategy, ImageStore(self.config.image_size), pool
+        return method, strategy, ImageStore(self.config.image_size, self.config.crop_size), pool
 
     def _samples(self, names: tuple[str, ...], store: ImageStore, split: str) -> SampleSet:
         by_name = {c.name: c for c in self.categories}

@@ -10,10 +10,12 @@ A sweep spec (YAML)::
       strategy: [replay]
       strategy_params.buffer_size: [0, 20, 100]     # dotted keys address nested mappings
       seed: [0, 1]
+    per_method:                         # optional: settings for the cells of one method
+      stfpm: {method_params.epochs: 20, method_params.batch_size: 4}
 
-Every cell is ``base`` with one combination of the grid values on top, run by
-``clbench.runner.run_experiment`` into ``<sweep_dir>/runs/<cell>/``, so config validation, atomic
-results and checkpoints come from the runner. ``<sweep_dir>/sweep.yaml`` holds the resolved spec and
+Every cell is ``base``, then ``per_method[<its method>]``, then its grid values on top (a grid key
+always wins), run by ``clbench.runner.run_experiment`` into ``<sweep_dir>/runs/<cell>/``, so config
+validation, atomic results and checkpoints come from the runner. ``<sweep_dir>/sweep.yaml`` holds the resolved spec and
 the cells; ``status.json`` the last outcome of each cell; ``logs/<cell>.log`` each cell's log.
 
 Re-running a sweep skips finished cells (``summary.json`` with ``complete: true``) and resumes cells
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -48,7 +51,7 @@ from clbench.config import ConfigError, RunConfig, from_mapping
 
 log = logging.getLogger("clbench.sweep")
 
-SPEC_KEYS = ("name", "output_dir", "base", "grid")
+SPEC_KEYS = ("name", "output_dir", "base", "grid", "per_method")
 DEFAULT_OUTPUT = "results/sweeps"
 RUNS = "runs"
 LOGS = "logs"
@@ -73,6 +76,7 @@ class SweepSpec:
     base: dict[str, Any]
     grids: list[dict[str, list[Any]]]
     source: str = "sweep"
+    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> settings of its cells
 
     @property
     def sweep_dir(self) -> Path:
@@ -163,10 +167,18 @@ def spec_from_mapping(data: Mapping[str, Any], source: str = "sweep", output_dir
                 raise ConfigError(f"{where}: bad key {key!r}")
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}: '{key}' must be a non-empty list of values, got {values!r}")
-    for key in list(base) + [k for g in grids for k in g]:
+    per_method = data.get("per_method") or {}
+    if not isinstance(per_method, dict) or not all(isinstance(m, str) and isinstance(v, dict) for m, v in per_method.items()):
+        raise ConfigError(f"{source}: 'per_method' must map method names to mappings of run-config keys, got {per_method!r}")
+    per_method_keys = [k for settings in per_method.values() for k in settings]
+    for key in list(base) + [k for g in grids for k in g] + per_method_keys:
         if key.split(".")[0] in SET_BY_SWEEP:
             raise ConfigError(f"{source}: '{key}' is set by the sweep (runs go to <output_dir>/<name>/runs/<cell>); remove it")
-    return SweepSpec(name=name, output_dir=out, base=dict(base), grids=[dict(g) for g in grids], source=source)
+    for method, settings in per_method.items():
+        if "method" in settings:
+            raise ConfigError(f"{source}: per_method.{method}: 'method' cannot be set here")
+    return SweepSpec(name=name, output_dir=out, base=dict(base), grids=[dict(g) for g in grids], source=source,
+                     per_method={m: dict(v) for m, v in per_method.items()})
 
 
 def set_dotted(mapping: dict[str, Any], key: str, value: Any, source: str) -> None:
@@ -272,6 +284,9 @@ def expand(spec: SweepSpec, *, check: bool = True) -> list[Cell]:
         for values in itertools.product(*grid.values()):
             params = dict(zip(grid.keys(), values))
             config = copy.deepcopy(base)
+            method = params.get("method", base.get("method", _RUN_DEFAULTS["method"]))
+            for key, value in spec.per_method.get(method, {}).items():
+                set_dotted(config, key, value, f"{spec.source}: per_method.{method}")
             for key, value in params.items():
                 set_dotted(config, key, value, where)
             _absolute_paths(config)
@@ -610,6 +625,7 @@ def _write_sweep_file(spec: SweepSpec, cells: list[Cell], sweep_dir: Path) -> No
         "output_dir": str(sweep_dir.parent),
         "spec_file": spec.source,
         "base": spec.base,
+        **({"per_method": spec.per_method} if spec.per_method else {}),
         "grid": spec.grids[0] if len(spec.grids) == 1 else spec.grids,
         "cells": [
             {"name": c.name, "run_dir": f"{RUNS}/{c.name}", "params": c.params,
@@ -654,13 +670,22 @@ def run_sweep(
     dry_run: bool = False,
     cell_fn: CellFn = run_cell,
     echo: Callable[[str], None] = print,
+    cells: Sequence[Cell] | None = None,
 ) -> SweepOutcome:
-    """Validate every cell, write ``sweep.yaml``, skip finished cells, run/resume the rest."""
+    """Validate every cell, write ``sweep.yaml``, skip finished cells, run/resume the rest.
+
+    ``cells``: the spec's cells already expanded (and possibly adjusted, as ``clbench reproduce``
+    does); they are validated again here."""
     if not isinstance(spec, SweepSpec):
         spec = load_spec(spec, output_dir)
     elif output_dir is not None:
-        spec = SweepSpec(spec.name, output_dir, spec.base, spec.grids, spec.source)
-    cells = expand(spec)  # raises ConfigError (naming key and cell) before anything runs
+        spec = dataclasses.replace(spec, output_dir=output_dir)
+    if cells is None:
+        cells = expand(spec)  # raises ConfigError (naming key and cell) before anything runs
+    else:
+        cells = list(cells)
+        for cell in cells:
+            validate_cell(cell, spec.source)
     runner = make_executor(executor, workers, ray_address) if isinstance(executor, str) else executor
     sweep_dir = Path(cells[0].sweep_dir)
     outcome = SweepOutcome(sweep_dir, cells)

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from clbench.backbones import FeatureCache, FrozenBackbone, create_feature_model, resolve_weights
+from clbench.backbones import FeatureCache, FrozenBackbone, create_feature_model, feature_info, resolve_weights
 from clbench.data import Batch
 
 
 def test_auto_decides_fast_without_network(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     start = time.perf_counter()
     with pytest.warns(UserWarning, match="random init"):
@@ -22,17 +23,84 @@ def test_auto_decides_fast_without_network(tmp_path: Path, monkeypatch) -> None:
     assert resolve_weights("resnet18", "none").pretrained is False
 
 
-def test_auto_uses_a_torch_hub_cache_hit(tmp_path: Path, monkeypatch) -> None:
+def test_bare_names_resolve_to_the_torchvision_tag(tmp_path: Path, monkeypatch) -> None:
+    """timm >= 1.0 defaults resnet18 / wide_resnet50_2 to a1_in1k / racm_in1k; the references used
+    torchvision's weights, which timm has as .tv_in1k: imagenet/auto take that tag, an explicit tag is kept."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    for name in ("resnet18", "wide_resnet50_2"):
+        info = resolve_weights(name, "imagenet")
+        assert (info.tag, info.resolved_name, info.source) == ("tv_in1k", f"{name}.tv_in1k", "download")
+    explicit = resolve_weights("resnet18.a1_in1k", "imagenet")
+    assert (explicit.tag, explicit.resolved_name) == ("a1_in1k", "resnet18.a1_in1k")
+    none = resolve_weights("resnet18", "none")
+    assert (none.tag, none.resolved_name, none.pretrained) == (None, "resnet18", False)
+    assert resolve_weights("efficientnet_b0", "imagenet").tag == "ra_in1k"  # no tv weights: timm's default
+
+
+def _fake_hf_cache(cache: Path, repo: str, payload: bytes = b"weights") -> Path:
+    """A file where huggingface_hub.try_to_load_from_cache looks for ``repo``'s model.safetensors."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0123abcd")
+    file = folder / "snapshots" / "0123abcd" / "model.safetensors"
+    file.parent.mkdir(parents=True)
+    file.write_bytes(payload)
+    return file
+
+
+def test_hf_cache_hit_is_the_tv_file_and_records_its_tag(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    _fake_hf_cache(tmp_path / "hf", "timm/resnet18.a1_in1k")  # timm's default tag: not torchvision's weights
+    with pytest.warns(UserWarning, match="resnet18.tv_in1k"):
+        info = resolve_weights("resnet18", "auto")
+    assert (info.source, info.pretrained) == ("none", False)
+    hit = _fake_hf_cache(tmp_path / "hf", "timm/resnet18.tv_in1k")
+    info = resolve_weights("resnet18", "auto")
+    assert (info.source, info.pretrained, info.file, info.tag) == ("cache", True, str(hit), "tv_in1k")
+    assert info.as_dict()["tag"] == "tv_in1k"  # what env.json records
+
+
+def test_torch_hub_cache_hit_is_loaded_as_tv_weights(tmp_path: Path, monkeypatch) -> None:
+    """torchvision's own download (checkpoints/resnet18-f37072fd.pth) is the tv_in1k file; timm's
+    default-tag file beside it is not taken."""
     import timm
 
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    url = timm.models.get_pretrained_cfg("resnet18").url
-    cached = tmp_path / "hub" / "checkpoints" / Path(url).name
-    cached.parent.mkdir(parents=True)
-    torch.save(timm.create_model("resnet18").state_dict(), cached)
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(7)
+    reference = timm.create_model("resnet18")
+    torch.save(reference.state_dict(), checkpoints / Path(timm.models.get_pretrained_cfg("resnet18.a1_in1k").url).name)
+    with pytest.warns(UserWarning, match="random init"):
+        assert resolve_weights("resnet18", "auto").source == "none"
+    cached = checkpoints / Path(timm.models.get_pretrained_cfg("resnet18.tv_in1k").url).name
+    assert cached.name == "resnet18-f37072fd.pth"
+    torch.save(reference.state_dict(), cached)
     info = resolve_weights("resnet18", "auto")
-    assert (info.source, info.pretrained, info.file) == ("cache", True, str(cached))
+    assert (info.source, info.pretrained, info.file, info.tag) == ("cache", True, str(cached), "tv_in1k")
+    model = create_feature_model("resnet18", ["layer1"], info, seed=0)
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+
+
+def test_feature_info_from_the_architecture_alone() -> None:
+    state = torch.random.get_rng_state()
+    assert feature_info("wide_resnet50_2", ["layer1", "layer2", "layer3"]) == ([256, 512, 1024], [4, 8, 16])
+    assert feature_info("resnet18.tv_in1k", ["layer2", "layer3"]) == ([128, 256], [8, 16])
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    with pytest.raises(ValueError, match="unknown timm model"):
+        feature_info("resnet_nonexistent", ["layer1"])
+
+
+def test_require_pretrained_refuses_a_random_init_backbone() -> None:
+    from clbench.backbones import BackbonePool
+    from clbench.config import ConfigError
+
+    pool = BackbonePool("none", torch.device("cpu"), 0, 1 << 20, None, require_pretrained=True)
+    with pytest.raises(ConfigError, match=r"backbone 'resnet18'.*random init.*--weights PATH.*--allow-random-init"):
+        pool.get("resnet18", ["layer1"])
 
 
 def test_local_file_weights_are_loaded(tmp_path: Path) -> None:

@@ -38,3 +38,9 @@ def test_methods_lists_registered_names(capsys) -> None:
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "padim" in out and "sequential" in out and "joint" in out
+
+
+def test_reproduce_names_an_unknown_profile(capsys) -> None:
+    assert main(["reproduce", "nosuch", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "clbench: error: profile: unknown profile 'nosuch' (available: clad)"

@@ -22,6 +22,11 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         ("methd: padim\n", "unknown key 'methd'"),
         ("image_size: -5\n", "'image_size' must be a positive integer, got -5"),
         ("image_size: 16\n", "at least 32"),
+        ("image_size: 64\ncrop_size: 72\n", "'crop_size' must be in 32..image_size (64), got 72"),
+        ("crop_size: 16\n", "'crop_size' must be in 32..image_size (128), got 16"),
+        ("crop_size: 5.5\n", "'crop_size' must be an integer or null"),
+        ("require_pretrained: maybe\n", "'require_pretrained' must be true or false"),
+        ("paper_profile: clad\n", "'paper_profile' must be a mapping"),
         ("val_fraction: 1.5\n", "'val_fraction' must be in"),
         ("seed: -1\n", "'seed' must be a non-negative"),
         ("tasks: {a: 1}\n", "'tasks' must be"),
@@ -55,3 +60,34 @@ def test_cli_reports_one_line_errors(tmp_path: Path, tiny_root: Path, capsys) ->
         assert len(err.splitlines()) == 1, err
     assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: config file not found" in capsys.readouterr().err
+
+
+def test_require_pretrained_refuses_before_the_run_folder_exists(tiny_root: Path, tmp_path: Path) -> None:
+    """A backbone resolving to random init under require_pretrained: one line naming the backbone and
+    the ways out, raised before anything is written."""
+    from clbench.runner import run_experiment
+
+    config = cfg.RunConfig(data_root=str(tiny_root), synthetic=False, weights="none", require_pretrained=True,
+                           output_dir=str(tmp_path / "out"), image_size=32, device="cpu")
+    with pytest.raises(cfg.ConfigError) as info:
+        run_experiment(config, progress=False)
+    message = str(info.value)
+    assert "backbone 'resnet18'" in message and "random init" in message
+    assert "--weights PATH" in message and "--allow-random-init" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_require_pretrained_and_allow_random_init(tiny_root: Path, tmp_path: Path, capsys) -> None:
+    common = ["run", "--data-root", str(tiny_root), "--output", str(tmp_path / "r"), "--no-progress",
+              "--weights", "none", "--image-size", "40", "--crop-size", "32", "--device", "cpu"]
+    assert main(common + ["--require-pretrained"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "random init" in err and len(err.splitlines()) == 1
+    config = tmp_path / "c.yaml"
+    config.write_text("require_pretrained: true\n")
+    assert main(common + ["--config", str(config), "--allow-random-init", "--param", "n_features=10"]) == 0
+    saved = (tmp_path / "r").glob("*/config.yaml")
+    import yaml
+
+    resolved = yaml.safe_load(next(saved).read_text())
+    assert (resolved["require_pretrained"], resolved["crop_size"], resolved["image_size"]) == (False, 32, 40)

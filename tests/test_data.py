@@ -99,3 +99,73 @@ def test_truncated_image_is_reported_on_decode(tiny_root: Path) -> None:
     cat = load_category(tiny_root, "alpha", val_fraction=0)
     with pytest.raises(DatasetError, match="000.png"):
         ImageStore(32).image(next(s for s in cat.train if s.image == path))
+
+
+def _position_image(path: Path, size: int) -> None:
+    """R = 5 * column, G = 5 * row, B = 7: every pixel says where it is."""
+    rows, cols = np.mgrid[0:size, 0:size]
+    Image.fromarray(np.stack([5 * cols, 5 * rows, np.full_like(rows, 7)], axis=-1).astype(np.uint8)).save(path)
+
+
+def test_center_crop_of_known_pixels(tmp_path: Path) -> None:
+    """No resize (40 -> 40), crop 32: the crop starts at (4, 4), so pixel (r, c) is the original (r + 4, c + 4);
+    the mask is cropped the same way."""
+    from clbench.data import Sample
+
+    _position_image(tmp_path / "img.png", 40)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:20, 6:16] = 255
+    Image.fromarray(mask).save(tmp_path / "img_mask.png")
+    sample = Sample("c/test/spot/img", tmp_path / "img.png", tmp_path / "img_mask.png", 1, "spot")
+    store = ImageStore(40, crop=32)
+    image = store.image(sample)
+    assert image.shape == (3, 32, 32) and store.out_size == 32
+    assert image[0, 0, 0] == 5 * 4 and image[1, 0, 0] == 5 * 4          # original (4, 4)
+    assert image[0, 3, 10] == 5 * 14 and image[1, 3, 10] == 5 * 7       # original (7, 14)
+    assert torch.equal(image[2], torch.full((32, 32), 7, dtype=torch.uint8))
+    cropped = store.mask(sample)
+    expected = torch.zeros(32, 32, dtype=torch.bool)
+    expected[6:16, 2:12] = True
+    assert torch.equal(cropped, expected)
+    good = Sample("c/test/good/img", tmp_path / "img.png", None, 0, "good")
+    assert store.mask(good).shape == (32, 32)
+
+
+@pytest.mark.parametrize("source, size, crop", [(50, 64, 56), (50, 41, 32), (40, 40, 40)])
+def test_resize_then_crop_matches_torchvision(tmp_path: Path, source: int, size: int, crop: int) -> None:
+    """Resize to ``size`` (PIL bilinear, masks nearest) then torchvision's CenterCrop offsets (odd margins too)."""
+    from torchvision.transforms import functional as TF
+
+    from clbench.data import Sample
+
+    _position_image(tmp_path / "img.png", source)
+    mask = np.zeros((source, source), np.uint8)
+    mask[7:30, 11:23] = 255
+    Image.fromarray(mask).save(tmp_path / "img_mask.png")
+    sample = Sample("c/test/spot/img", tmp_path / "img.png", tmp_path / "img_mask.png", 1, "spot")
+    store = ImageStore(size, crop=crop)
+    with Image.open(tmp_path / "img.png") as img:
+        resized = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    reference = TF.center_crop(torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1), [crop, crop])
+    assert torch.equal(store.image(sample), reference)
+    with Image.open(tmp_path / "img_mask.png") as img:
+        resized_mask = torch.from_numpy(np.asarray(img.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 127)
+    assert torch.equal(store.mask(sample), TF.center_crop(resized_mask[None], [crop, crop])[0])
+
+
+def test_the_method_and_the_replay_buffer_see_the_crop(synthetic_root: Path, tmp_path: Path) -> None:
+    """crop_size reaches MethodContext.image_size (maps = masks = crop) and replay stores crop-sized images."""
+    import json
+
+    import pandas as pd
+
+    from conftest import engine_run
+
+    run = engine_run("padim", "replay", {"buffer_size": 4}, synthetic_root, tmp_path, image_size=64, crop_size=48,
+                     method_params={"backbone": "resnet18", "n_features": 20})
+    env = json.loads((run / "env.json").read_text())
+    assert env["data"] | {"root": None} == {"root": None, "synthetic": False, "image_size": 64, "crop_size": 48, "eval_size": 48}
+    memory = pd.read_csv(run / "memory.csv")
+    replay = memory[(memory["component"] == "replay_buffer") & (memory["step"] == 1)]["bytes"].item()
+    assert replay == 4 * 3 * 48 * 48
+    assert pd.read_csv(run / "metrics.csv")["value"].notna().any()

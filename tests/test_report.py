@@ -224,3 +224,69 @@ def test_keys_that_only_differ_between_methods_are_not_extra_columns() -> None:
 
     summary = pd.DataFrame({"method": ["a", "a", "b"], "budget": ["none", "none", "3000"], "n_features": [1, 2, 1]})
     assert _varying(summary, ["budget", "n_features"]) == ["n_features"]
+
+
+def _profile_cell(sweep_dir: Path, method: str, strategy: str, seed: int, *, f1: tuple[float, float, float] | None,
+                  method_state: int, differences: list[str], not_in_paper: bool = False) -> dict:
+    """A run of a paper-profile sweep: fake_run plus ``paper_profile`` in its config and, if ``f1`` is
+    (acc, fm, relative_forgetting), the pixel F1 summary the newer runner writes."""
+    run = sweep_dir / "runs" / f"{method}-{strategy}-seed{seed}"
+    fake_run(run, method=method, strategy=strategy, seed=seed, buffer_size=300 if strategy == "replay" else None,
+             method_state=method_state)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["paper_profile"] = {"name": "clad", "title": "t", "not_in_paper": not_in_paper, "differences": differences}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = json.loads((run / "summary.json").read_text())
+    if f1 is not None:
+        summary["metrics"]["pixel_f1_max"] = {"acc": f1[0], "bwt": -f1[1], "fm": f1[1], "relative_forgetting": f1[2]}
+        (run / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_paper_table_next_to_the_published_figures(tmp_path: Path, capsys) -> None:
+    sweep_dir = tmp_path / "clad"
+    from clbench.profile import load_profile
+
+    own = load_profile("clad").differences["padim"][0]  # one of the profile's own differences: left to env.json
+    padim = [_profile_cell(sweep_dir, "padim", "sequential", seed, f1=(0.2 + 0.1 * seed, 0.05, 0.25 - 0.1 * seed),
+                           method_state=1_541_030_400, differences=[own, f"--set tasks=3 (profile: paper10)"])
+             for seed in (0, 1)]
+    draem = _profile_cell(sweep_dir, "draem", "replay", 0, f1=None, method_state=0,
+                          differences=["--set tasks=3 (profile: paper10)", "--set image_size=64 (profile: 256)"])
+    _profile_cell(sweep_dir, "cainnflow", "replay", 0, f1=(0.3, 0.0, 0.0), method_state=0, differences=[], not_in_paper=True)
+    report = build_report(sweep_dir)
+    table = report.paper
+    assert table is not None and table.methods == ["draem", "padim", "cainnflow"]  # the paper's column order first
+    entry = table.entries[("pixel_auroc", "padim")]
+    expected = np.mean([s["metrics"]["pixel_auroc"]["acc"] for s in padim])
+    assert entry.n_seeds == 2 and entry.published == 0.73
+    assert entry.value == pytest.approx(expected) and entry.difference == pytest.approx(expected - 0.73)
+    assert table.entries[("pixel_f1", "padim")].value == pytest.approx(0.25)
+    assert table.entries[("forgetting_pct", "padim")].value == pytest.approx(20.0)  # mean of 25 % and 15 %
+    assert table.entries[("forgetting_pct", "padim")].published == 19.12
+    assert table.entries[("fm_pixel_f1", "padim")].value == pytest.approx(5.0)
+    assert table.entries[("memory_mb", "padim")].value == pytest.approx(1541.0304)
+    assert table.text("memory_mb", "padim") == "1541.0 (1541, +0.0)"
+    assert table.text("image_auroc", "draem") == f"{draem['metrics']['image_auroc']['acc']:.3f} (0.75, " \
+                                                 f"{draem['metrics']['image_auroc']['acc'] - 0.75:+.3f})"
+    # an older run without pixel F1 / relative forgetting: n/a beside the published figure
+    assert table.text("pixel_f1", "draem") == "n/a (0.32)" and table.text("forgetting_pct", "draem") == "n/a (27.08)"
+    replay_mb = 300 * 12_288 / 1e6  # fake_run's replay bytes at the final step
+    assert table.entries[("memory_mb", "draem")].value == pytest.approx(replay_mb)
+    assert table.headers()[-1] == "CAINNFlow*" and table.text("pixel_f1", "cainnflow") == "0.300"
+    # the command line's differences, once each (the profile's own are in env.json)
+    assert table.run_differences == ["--set tasks=3", "--set image_size=64"]
+    md = (sweep_dir / "report" / "paper_table.md").read_text()
+    assert "| pixel AUROC" in md and "| avg forgetting (%)" in md and "| extra memory (MB)" in md
+    assert "Chaudhry" in md and "relative drop of pixel F1" in md and "* not in the paper" in md
+    assert md in report.markdown
+    page = (sweep_dir / "report" / "summary.html").read_text()
+    assert "The paper&#x27;s table: clad" in page and "<td>1541.0 (1541, +0.0)</td>" in page
+    frame = pd.read_csv(sweep_dir / "report" / "paper_table.csv")
+    assert len(frame) == 7 * 3 and set(frame["method"]) == {"padim", "draem", "cainnflow"}
+
+
+def test_no_paper_table_without_a_profile(tmp_path: Path) -> None:
+    fake_run(tmp_path / "s" / "runs" / "padim-sequential-seed0", method="padim", strategy="sequential", seed=0)
+    report = build_report(tmp_path / "s")
+    assert report.paper is None and not (tmp_path / "s" / "report" / "paper_table.md").exists()

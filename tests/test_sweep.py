@@ -74,6 +74,28 @@ def test_cells_are_the_product_with_unique_deterministic_names(tmp_path: Path) -
         "padim-sequential-layers_layer1+layer2-seed0"]
 
 
+def test_per_method_settings_apply_to_that_methods_cells_and_the_grid_wins(tmp_path: Path) -> None:
+    data = {"name": "x", "output_dir": str(tmp_path), "base": {"image_size": 64},
+            "per_method": {"stfpm": {"image_size": 96, "method_params.epochs": 3, "strategy_params.buffer_size": 7},
+                           "padim": {"method_params.n_features": 8}},
+            "grid": [{"method": ["padim", "stfpm"], "strategy": ["replay"], "seed": [0]},
+                     {"method": ["stfpm"], "strategy": ["replay"], "strategy_params.buffer_size": [20], "seed": [0]}]}
+    cells = {c.name: c for c in expand(spec_from_mapping(data), check=True)}
+    assert list(cells) == ["padim-replay-seed0", "stfpm-replay-seed0", "stfpm-replay-buffer_size20-seed0"]
+    assert cells["padim-replay-seed0"].config["image_size"] == 64
+    assert cells["padim-replay-seed0"].config["method_params"] == {"n_features": 8}
+    assert cells["stfpm-replay-seed0"].config["image_size"] == 96
+    assert cells["stfpm-replay-seed0"].config["method_params"] == {"epochs": 3}
+    assert cells["stfpm-replay-seed0"].config["strategy_params"] == {"buffer_size": 7}
+    assert cells["stfpm-replay-buffer_size20-seed0"].config["strategy_params"] == {"buffer_size": 20}  # grid wins
+    with pytest.raises(ConfigError, match="per_method.stfpm: 'method' cannot be set"):
+        spec_from_mapping({**data, "per_method": {"stfpm": {"method": "padim"}}})
+    with pytest.raises(ConfigError, match="'per_method' must map method names"):
+        spec_from_mapping({**data, "per_method": ["stfpm"]})
+    with pytest.raises(ConfigError, match="unknown key 'imag_size'"):
+        expand(spec_from_mapping({**data, "per_method": {"stfpm": {"imag_size": 3}}}), check=False)
+
+
 def test_example_config_expands() -> None:
     cells = expand(load_spec(REPO / "configs" / "sweep_example.yaml"), check=False)
     names = [c.name for c in cells]
