@@ -68,11 +68,9 @@ def ensure_dataset(config: RunConfig) -> Path:
 def check_pretrained(method_cls: type[AnomalyMethod], params: dict[str, Any], weights: str) -> None:
     """``require_pretrained``: refuse (one line) a method backbone whose weights resolve to random init.
 
-    The backbones are those a method names in ``pretrained_backbones(params)`` if it defines it,
-    else its ``backbone`` hyper-parameter. Decided from the file system (``resolve_weights``)."""
-    hook = getattr(method_cls, "pretrained_backbones", None)
-    names = list(hook(params)) if hook is not None else ([params["backbone"]] if params.get("backbone") else [])
-    for name in names:
+    The backbones are those the method names in ``pretrained_backbones(params)``. Decided from the
+    file system (``resolve_weights``)."""
+    for name in method_cls.pretrained_backbones(params):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # auto's random-init warning: the error below says it
             info = resolve_weights(name, weights)
@@ -172,7 +170,7 @@ class Experiment:
             checkpoint = self.run_dir / CHECKPOINT
             if not checkpoint.is_file():
                 return None
-            return torch.load(checkpoint, weights_only=False, map_location=self.device)
+            return torch.load(checkpoint, weights_only=True, map_location=self.device)  # never unpickle code
         if self.overwrite and self.run_dir.exists():
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -118,6 +118,12 @@ class AnomalyMethod(nn.Module, ABC):
         return []
 
     @classmethod
+    def pretrained_backbones(cls, params: Mapping[str, Any]) -> list[str]:
+        """Backbones whose ImageNet weights the method relies on (``require_pretrained`` checks
+        them before a run starts): by default its ``backbone`` hyper-parameter, if it has one."""
+        return [params["backbone"]] if params.get("backbone") else []
+
+    @classmethod
     def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
         """Bytes of the method's state by component, computed from shapes alone (no training)."""
         raise NotImplementedError(f"method '{cls.name}' does not describe its analytic memory")

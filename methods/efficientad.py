@@ -577,6 +577,12 @@ class EfficientAD(AnomalyMethod):
         self.teacher.eval()
 
     @classmethod
+    def pretrained_backbones(cls, params: Mapping[str, Any]) -> list[str]:
+        """None: EfficientAD's only pretrained component is its teacher file (checked at construction);
+        ``backbone`` only distils a stand-in, which ``require_pretrained`` refuses anyway."""
+        return []
+
+    @classmethod
     def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
         """fp32 networks (teacher frozen; student and autoencoder trained), the teacher statistics and
         quantiles (the method's own state), and the uint8 penalty-image pool (a derived cache)."""

@@ -77,6 +77,21 @@ def test_require_pretrained_refuses_before_the_run_folder_exists(tiny_root: Path
     assert not (tmp_path / "out").exists()
 
 
+def test_require_pretrained_checks_the_backbones_a_method_relies_on() -> None:
+    """Each method names its pretrained backbones: EfficientAD none (its teacher file is what must be
+    pretrained, checked by the method), DRAEM none, the others their ``backbone``."""
+    from clbench.runner import check_pretrained
+    from methods.base import METHODS
+
+    for name in ("efficientad", "draem"):
+        method = METHODS.get(name)
+        check_pretrained(method, method.resolve_params({}), "none")  # nothing to refuse
+    patchcore = METHODS.get("patchcore")
+    assert patchcore.pretrained_backbones(patchcore.resolve_params({})) == ["wide_resnet50_2"]
+    with pytest.raises(cfg.ConfigError, match="backbone 'wide_resnet50_2'"):
+        check_pretrained(patchcore, patchcore.resolve_params({}), "none")
+
+
 def test_cli_require_pretrained_and_allow_random_init(tiny_root: Path, tmp_path: Path, capsys) -> None:
     common = ["run", "--data-root", str(tiny_root), "--output", str(tmp_path / "r"), "--no-progress",
               "--weights", "none", "--image-size", "40", "--crop-size", "32", "--device", "cpu"]
