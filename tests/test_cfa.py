@@ -12,13 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
 from clbench.backbones import BackbonePool
 from clbench.data import Batch, ImageStore, SampleSet, load_category
 from methods.base import MethodContext, TaskData
 from methods.cfa import CFA, cfa_loss, softmin_score, squared_distances
-from conftest import STRATEGY_CASES, engine_run
+from conftest import STRATEGY_CASES, InMemoryStream, engine_run, smooth_batch
 
 SMALL = {"backbone": "resnet18", "batch_size": 4}
 
@@ -65,33 +64,8 @@ def test_loss_and_score_match_hand_computation() -> None:
     torch.testing.assert_close(squared_distances(f, c), torch.cdist(f, c.expand(2, 7, 4)) ** 2, atol=1e-4, rtol=1e-4)
 
 
-def pixels_batch(task: str, n: int, seed: int, size: int = 32) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, size // 8, size // 8, generator=g)
-    pixels = (F.interpolate(low, size=size, mode="bilinear") * 255).to(torch.uint8)
-    keys = [f"{task}/train/good/{i:03d}.png" for i in range(n)]
-    return Batch(pixels, keys, torch.zeros(n, dtype=torch.int64), torch.zeros(n, size, size, dtype=torch.bool))
-
-
-class Stream:
-    """In-memory training stream of one task's images (optionally followed by replayed ones)."""
-
-    def __init__(self, batch: Batch) -> None:
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return len(self.batch)
-
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0):
-        b, n = self.batch, len(self.batch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            yield Batch(b.pixels[rows], [b.keys[i] for i in rows.tolist()], b.labels[rows], b.masks[rows])
-
-
 def stream_task(step: int, batch: Batch) -> TaskData:
-    return TaskData(step, (batch.keys[0].split("/")[0],), Stream(batch), SampleSet((), ImageStore(32)), seed=step)
+    return TaskData(step, (batch.keys[0].split("/")[0],), InMemoryStream(batch), SampleSet((), ImageStore(32)), seed=step)
 
 
 # three tasks of 8, 4 and 12 images: 2, 1 and 3 batches of 4, so the two weightings differ
@@ -121,7 +95,7 @@ def reference_banks(outputs: list[np.ndarray], batch_size: int) -> dict[str, np.
 def test_bank_weighting_matches_independent_reference(weighting: str) -> None:
     """With lr 0 the descriptor is fixed, so the bank after three tasks is an exact function of the raw
     descriptor outputs: Algorithm 3 (task) or the paper's code's running mean over batches (batch)."""
-    data = [pixels_batch(name, n, seed) for seed, (name, n) in enumerate(TASK_SIZES.items())]
+    data = [smooth_batch(n, seed, 32, task=name) for seed, (name, n) in enumerate(TASK_SIZES.items())]
     make = lambda: make_cfa(lr=0.0, weight_decay=0.0, learn_radius=False, max_epochs=1, weighting=weighting)
     model = make()
     with torch.no_grad():
@@ -139,11 +113,11 @@ def test_bank_weighting_matches_independent_reference(weighting: str) -> None:
 
 
 def test_bank_leaves_out_replayed_images_and_is_a_per_image_mean() -> None:
-    own, other = pixels_batch("t1", 6, seed=1), pixels_batch("t0", 4, seed=0)
+    own, other = smooth_batch(6, seed=1, size=32, task="t1"), smooth_batch(4, seed=0, size=32, task="t0")
     model = make_cfa()
     mixed = Batch(torch.cat([own.pixels, other.pixels]), own.keys + other.keys,
                   torch.cat([own.labels, other.labels]), torch.cat([own.masks, other.masks]))
-    bank, batches = model.task_bank(TaskData(1, ("t1",), Stream(mixed), SampleSet((), ImageStore(32))))
+    bank, batches = model.task_bank(TaskData(1, ("t1",), InMemoryStream(mixed), SampleSet((), ImageStore(32))))
     with torch.no_grad():
         per_image = model.describe(own).mean(0)  # 6 images: batches of 4 + 2, merged by size
     torch.testing.assert_close(bank, per_image, atol=1e-6, rtol=1e-5)
@@ -153,9 +127,9 @@ def test_bank_leaves_out_replayed_images_and_is_a_per_image_mean() -> None:
 @pytest.mark.parametrize("state", ["reset", "keep"])
 def test_optimizer_state(state: str) -> None:
     model = make_cfa(max_epochs=1, optimizer_state=state)
-    model.fit_task(stream_task(0, pixels_batch("t0", 8, seed=0)))
+    model.fit_task(stream_task(0, smooth_batch(8, seed=0, size=32, task="t0")))
     first = model._kept_optimiser
-    model.fit_task(stream_task(1, pixels_batch("t1", 8, seed=1)))
+    model.fit_task(stream_task(1, smooth_batch(8, seed=1, size=32, task="t1")))
     if state == "reset":
         assert first is None and model._kept_optimiser is None and model.training_state() == {}
     else:  # one AdamW for the stream: 2 steps per task, moments carried

@@ -23,6 +23,7 @@ from clbench.backbones import BackbonePool
 from clbench.data import Batch, ImageStore, SampleSet, normalize
 from methods.base import MethodContext, TaskData
 from methods.cfa import CFA
+from conftest import InMemoryStream, smooth_batch
 
 SIZE, BATCH = 64, 4
 
@@ -38,36 +39,9 @@ def scaled_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def images(n: int, seed: int, task: str) -> Batch:
-    """Smooth random images (blurred noise, so that features vary like on real images)."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, SIZE // 8, SIZE // 8, generator=g)
-    pixels = (torch.nn.functional.interpolate(low, size=SIZE, mode="bilinear") * 255).to(torch.uint8)
-    keys = [f"{task}/train/good/{seed}-{i:03d}.png" for i in range(n)]  # unique: the backbone caches by key
-    return Batch(pixels, keys, torch.zeros(n, dtype=torch.int64), torch.zeros(n, SIZE, SIZE, dtype=torch.bool))
-
-
-class Stream:
-    """A training stream over fixed in-memory images (what the strategies hand a method)."""
-
-    def __init__(self, batch: Batch) -> None:
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return len(self.batch)
-
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0):
-        n = len(self.batch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            b = self.batch
-            yield Batch(b.pixels[rows], [b.keys[i] for i in rows.tolist()], b.labels[rows], b.masks[rows])
-
-
 def task_data(batch: Batch, step: int = 0) -> TaskData:
     task = batch.keys[0].split("/", 1)[0]
-    return TaskData(step, (task,), Stream(batch), SampleSet((), ImageStore(SIZE)), seed=step)
+    return TaskData(step, (task,), InMemoryStream(batch), SampleSet((), ImageStore(SIZE)), seed=step)
 
 
 def build_pair(monkeypatch: pytest.MonkeyPatch) -> tuple[CFA, anomalib_cfa.CfaModel]:
@@ -101,8 +75,8 @@ def pair(monkeypatch):
 
 def test_bank_maps_scores_and_loss_match_anomalib(pair) -> None:
     ours, ref = pair
-    train = images(2 * BATCH, seed=0, task="alpha")  # full batches: anomalib's mean of batch means is exact
-    test = images(3, seed=1, task="alpha")
+    train = smooth_batch(2 * BATCH, seed=0, size=SIZE)  # full batches: anomalib's mean of batch means is exact
+    test = smooth_batch(3, seed=1, size=SIZE)
 
     # memory bank: anomalib's initialize_centroid vs clbench's task bank (single task)
     loader = [SimpleNamespace(image=normalize(train.pixels[i : i + BATCH])) for i in range(0, len(train), BATCH)]
@@ -124,7 +98,7 @@ def test_bank_maps_scores_and_loss_match_anomalib(pair) -> None:
 
     # one training step's loss (train mode, same batch)
     ours.train(), ref.train()
-    batch = next(Stream(train).batches(BATCH))
+    batch = next(InMemoryStream(train).batches(BATCH))
     loss_ours = ours._loss(batch)
     loss_ref = CfaLoss(num_nearest_neighbors=3, num_hard_negative_features=3, radius=1e-5)(ref(normalize(batch.pixels)))
     assert loss_ref.item() > 0
@@ -152,7 +126,7 @@ def test_learnable_radius_is_the_documented_difference(pair) -> None:
     learnable = CFA(ours.context, backbone="resnet18", batch_size=BATCH)  # learn_radius: True (default)
     assert learnable.radius.requires_grad and not ref.radius.is_leaf  # anomalib's r is no Parameter
     assert all(p is not ref.radius for p in ref.parameters())
-    train = images(BATCH, seed=2, task="alpha")
+    train = smooth_batch(BATCH, seed=2, size=SIZE)
     learnable.update_bank(*learnable.task_bank(task_data(train)))
     optimiser = learnable.build_optimiser()
     assert any(p is learnable.radius for group in optimiser.param_groups for p in group["params"])

@@ -24,7 +24,6 @@ from anomalib.models.image.efficient_ad.lightning_model import EfficientAd as An
 from anomalib.models.image.efficient_ad.torch_model import AutoEncoder as AnomalibAutoEncoder
 from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
 from torch import nn
-from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
 import methods.efficientad as efficientad
@@ -33,41 +32,16 @@ from clbench.data import Batch, normalize
 from methods.base import MethodContext
 from methods.efficientad import EfficientAD, apply_jitter
 from methods.pdn import AutoEncoder, pdn_output_size
+from conftest import InMemoryStream, smooth_batch, smooth_pixels
 
 TOL = 1e-4
 CHANNELS = 384
+NOISE = 0.25  # fine noise on the smooth fields: image structure at every scale
 
 
 def rel_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
     ours, reference = ours.detach().double(), reference.detach().double()
     return float((ours - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
-
-
-def images(n: int, size: int, seed: int) -> torch.Tensor:
-    """uint8 (n, 3, size, size): smooth colour fields plus fine noise (structure at every scale)."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=(size, size), mode="bicubic", align_corners=False)
-    fine = torch.rand(n, 3, size, size, generator=g)
-    return ((0.8 * coarse + 0.2 * fine).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def batch_of(pixels: torch.Tensor) -> Batch:
-    n, size = len(pixels), pixels.shape[-1]
-    return Batch(pixels, [f"img{i}" for i in range(n)], torch.zeros(n, dtype=torch.long), torch.zeros(n, size, size, dtype=torch.bool))
-
-
-class Stream:
-    """A training stream / held-out set over fixed images (what ``TaskData`` holds)."""
-
-    def __init__(self, pixels: torch.Tensor) -> None:
-        self.pixels = pixels
-
-    def __len__(self) -> int:
-        return len(self.pixels)
-
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0):
-        for i in range(0, len(self.pixels), batch_size):
-            yield batch_of(self.pixels[i:i + batch_size])
 
 
 def copy_autoencoder(source: AnomalibAutoEncoder, target: AutoEncoder) -> None:
@@ -109,17 +83,17 @@ def anomalib_loader(pixels: torch.Tensor, batch_size: int = 2) -> list[SimpleNam
             for i in range(0, len(pixels), batch_size)]
 
 
-def fit_statistics(ours: EfficientAD, reference: EfficientAdModel, train: torch.Tensor, val: torch.Tensor) -> dict[str, float]:
+def fit_statistics(ours: EfficientAD, reference: EfficientAdModel, train: Batch, val: Batch) -> dict[str, float]:
     """Teacher statistics on ``train`` and map quantiles on ``val``, each side with its own code."""
     fake = anomalib_lightning(reference)
-    ours._update_teacher_stats(Stream(train))
-    stats = AnomalibLightning.teacher_channel_mean_std(fake, anomalib_loader(train))
+    ours._update_teacher_stats(InMemoryStream(train))
+    stats = AnomalibLightning.teacher_channel_mean_std(fake, anomalib_loader(train.pixels))
     reference.mean_std.update(stats)
     ours.student.eval()
     ours.autoencoder.eval()
     reference.eval()
-    ours._compute_quantiles(Stream(val), seed=0)
-    quantiles = AnomalibLightning.map_norm_quantiles(fake, anomalib_loader(val))
+    ours._compute_quantiles(InMemoryStream(val), seed=0)
+    quantiles = AnomalibLightning.map_norm_quantiles(fake, anomalib_loader(val.pixels))
     reference.quantiles.update(quantiles)
     theirs_q = torch.stack([quantiles["qa_st"], quantiles["qb_st"], quantiles["qa_ae"], quantiles["qb_ae"]])
     return {
@@ -133,12 +107,12 @@ def test_maps_scores_statistics_and_quantiles_match_anomalib(tmp_path: Path) -> 
     """Small model: teacher statistics, map quantiles, maps and image scores, each side's own code."""
     size = 128
     ours, reference = build_pair(tmp_path, "small", size)
-    diffs = fit_statistics(ours, reference, images(2, size, 1), images(2, size, 2))
+    diffs = fit_statistics(ours, reference, smooth_batch(2, 1, size, noise=NOISE), smooth_batch(2, 2, size, noise=NOISE))
     assert max(diffs.values()) <= TOL, diffs
-    test = images(2, size, 3)
+    test = smooth_batch(2, 3, size, noise=NOISE)
     with torch.no_grad():
-        expected = reference(test.float() / 255.0)
-    prediction = ours.predict(batch_of(test))
+        expected = reference(test.pixels.float() / 255.0)
+    prediction = ours.predict(test)
     assert prediction.maps.shape == (2, size, size) and expected.anomaly_map.shape == (2, 1, size, size)
     assert rel_diff(prediction.maps, expected.anomaly_map[:, 0]) <= TOL
     scores = expected.pred_score.flatten()
@@ -155,24 +129,24 @@ def test_maps_match_anomalib_for_medium_and_padded_models(tmp_path: Path, model_
     pads only unpadded maps, which equals anomalib with ``pad_maps=False``."""
     size = 128
     ours, reference = build_pair(tmp_path, model_size, size, padding)
-    ours._update_teacher_stats(Stream(images(1, size, 1)))
+    ours._update_teacher_stats(InMemoryStream(smooth_batch(1, 1, size, noise=NOISE)))
     ours.student.eval()
     ours.autoencoder.eval()
-    ours._compute_quantiles(Stream(images(1, size, 2)), seed=0)
+    ours._compute_quantiles(InMemoryStream(smooth_batch(1, 2, size, noise=NOISE)), seed=0)
     (qa_st, qb_st), (qa_ae, qb_ae) = ours.quantiles.clone()
     reference.mean_std.update({"mean": ours.teacher_mean.clone(), "std": ours.teacher_std.clone()})
     reference.quantiles.update({"qa_st": qa_st, "qb_st": qb_st, "qa_ae": qa_ae, "qb_ae": qb_ae})
     reference.eval()
-    test = images(1, size, 3)
+    test = smooth_batch(1, 3, size, noise=NOISE)
     with torch.no_grad():
-        expected = reference(test.float() / 255.0)
-    prediction = ours.predict(batch_of(test))
+        expected = reference(test.pixels.float() / 255.0)
+    prediction = ours.predict(test)
     assert rel_diff(prediction.maps, expected.anomaly_map[:, 0]) <= TOL
     assert rel_diff(prediction.scores, expected.pred_score.flatten()) <= TOL
     if padding:
         reference.pad_maps = True
         with torch.no_grad():
-            padded = reference(test.float() / 255.0)
+            padded = reference(test.pixels.float() / 255.0)
         assert rel_diff(prediction.maps, padded.anomaly_map[:, 0]) > 0.01
 
 
@@ -182,10 +156,10 @@ def test_autoencoder_matches_anomalib_at_256_px() -> None:
     reference = AnomalibAutoEncoder(CHANNELS, padding=False).eval()
     ours = AutoEncoder(CHANNELS, 256, pdn_output_size(256)).eval()
     copy_autoencoder(reference, ours)
-    x = images(1, 256, 4).float() / 255.0
+    x = smooth_pixels(1, 4, 256, NOISE).float() / 255.0
     with torch.no_grad():
         expected = reference(x, x.shape[-2:])
-        got = ours(normalize(images(1, 256, 4)))
+        got = ours(normalize(smooth_pixels(1, 4, 256, NOISE)))
     assert got.shape == expected.shape == (1, CHANNELS, 56, 56)
     assert rel_diff(got, expected) <= TOL
 
@@ -193,7 +167,7 @@ def test_autoencoder_matches_anomalib_at_256_px() -> None:
 def test_augmentation_matches_anomalib() -> None:
     """anomalib's ``choose_random_aug_image`` (coefficient then index from the global RNG) against
     ``apply_jitter`` with the same draws, for each of brightness, contrast and saturation."""
-    x = images(2, 32, 5).float() / 255.0
+    x = smooth_pixels(2, 5, 32, NOISE).float() / 255.0
     seen = set()
     for seed in range(40):
         torch.manual_seed(seed)
@@ -215,10 +189,10 @@ def test_one_training_step_matches_anomalib(tmp_path: Path, monkeypatch) -> None
     RNG seeded identically before each forward; neither side draws anything else from it)."""
     size = 128
     ours, reference = build_pair(tmp_path, "small", size)
-    train = images(1, size, 6)
-    ours._update_teacher_stats(Stream(images(1, size, 1)))
+    train = smooth_pixels(1, 6, size, NOISE)
+    ours._update_teacher_stats(InMemoryStream(smooth_batch(1, 1, size, noise=NOISE)))
     reference.mean_std.update({"mean": ours.teacher_mean.clone(), "std": ours.teacher_std.clone()})
-    penalty = images(1, size, 7)
+    penalty = smooth_pixels(1, 7, size, NOISE)
     monkeypatch.setattr(efficientad, "draw_jitter", lambda generator: (1, 0.87))
     monkeypatch.setattr(EfficientAdModel, "choose_random_aug_image", staticmethod(lambda image: TF.adjust_contrast(image, 0.87)))
     student_outputs: list[torch.Tensor] = []

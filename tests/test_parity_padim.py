@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from anomalib.models.image.padim.anomaly_map import AnomalyMapGenerator
 from anomalib.models.image.padim.torch_model import PadimModel
 
@@ -17,33 +16,10 @@ from clbench.backbones import BackbonePool
 from clbench.data import Batch, normalize
 from methods.base import MethodContext, TaskData
 from methods.padim import PaDiM
+from conftest import InMemoryStream, smooth_batch
 
 SIZE = 64
 ANOMALIB_EPSILON = 0.01 + 1e-5
-
-
-def images(n: int, seed: int) -> torch.Tensor:
-    """uint8 (n, 3, SIZE, SIZE): smooth random colour fields plus fine noise."""
-    g = torch.Generator().manual_seed(seed)
-    low = F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    return ((low + 0.1 * torch.rand(n, 3, SIZE, SIZE, generator=g)).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-class Stream:
-    """A train stream over fixed pixels (keys ``prefix/i`` for the backbone's feature cache)."""
-
-    def __init__(self, pixels: torch.Tensor, prefix: str) -> None:
-        self.pixels, self.prefix = pixels, prefix
-
-    def __len__(self) -> int:
-        return len(self.pixels)
-
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0):
-        for start in range(0, len(self.pixels), batch_size):
-            p = self.pixels[start : start + batch_size]
-            n = len(p)
-            keys = [f"{self.prefix}/{start + i}" for i in range(n)]
-            yield Batch(p, keys, torch.zeros(n, dtype=torch.long), torch.zeros(n, SIZE, SIZE, dtype=torch.bool))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,16 +27,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()).abs() / b.double().abs().clamp_min(1e-12)).max())
 
 
+def train_and_test() -> tuple[Batch, Batch]:
+    """The images PaDiM and PatchCore are compared on: 12 to fit, 4 to score (smooth fields plus fine noise)."""
+    return smooth_batch(12, 0, SIZE, task="a", noise=0.1), smooth_batch(4, 1, SIZE, task="a", noise=0.1)
+
+
 @pytest.fixture(scope="module")
 def setup():
     """clbench fitted with anomalib's epsilon and with its own; anomalib fitted on the same images."""
     pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=1 << 30, spill_dir=None)
     context = MethodContext(pool, torch.device("cpu"), image_size=SIZE, seed=0, progress=False)
-    train, test = images(12, 0), images(4, 1)
+    train, batch = train_and_test()
     models = {}
     for name, epsilon in (("matched", ANOMALIB_EPSILON), ("default", 0.01)):
         model = PaDiM(context, backbone="resnet18", n_features=100, batch_size=5, epsilon=epsilon)
-        model.fit_task(TaskData(0, ("a",), Stream(train, "train"), val=None))
+        model.fit_task(TaskData(0, ("a",), InMemoryStream(train), val=None))
         models[name] = model
     ours = models["matched"]
     ref = PadimModel(backbone="resnet18", layers=["layer1", "layer2", "layer3"], pre_trained=False, n_features=100)
@@ -68,13 +49,12 @@ def setup():
     ref.idx.copy_(ours.channel_index)
     ref.train()
     with torch.no_grad():
-        ref(normalize(train))
+        ref(normalize(train.pixels))
     ref.fit()
     ref.eval()
     with torch.no_grad():
-        out = ref(normalize(test))
-    batch = next(Stream(test, "test").batches(4))
-    return models, ref, out, batch, train, test
+        out = ref(normalize(batch.pixels))
+    return models, ref, out, batch, train.pixels, batch.pixels
 
 
 def test_embedding_and_gaussian_match_anomalib(setup) -> None:

@@ -15,24 +15,24 @@ import torch.nn.functional as F
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
 from clbench.backbones import BackbonePool
-from clbench.data import normalize
+from clbench.data import Batch, normalize
 from methods.base import MethodContext, TaskData
 from methods.patchcore import PatchCore
-from test_parity_padim import SIZE, Stream, images, rel
+from conftest import InMemoryStream
+from test_parity_padim import SIZE, rel, train_and_test
 
 
 @pytest.fixture(scope="module")
 def data():
     pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=1 << 30, spill_dir=None)
     context = MethodContext(pool, torch.device("cpu"), image_size=SIZE, seed=0, progress=False)
-    train, test = images(12, 0), images(4, 1)
-    batch = next(Stream(test, "test").batches(4))
-    return context, train, test, batch
+    train, batch = train_and_test()
+    return context, train, batch.pixels, batch
 
 
-def fitted(context: MethodContext, train: torch.Tensor, **params) -> PatchCore:
+def fitted(context: MethodContext, train: Batch, **params) -> PatchCore:
     model = PatchCore(context, backbone="resnet18", budget=100_000, **params)
-    model.fit_task(TaskData(0, ("a",), Stream(train, "train"), val=None))
+    model.fit_task(TaskData(0, ("a",), InMemoryStream(train), val=None))
     return model
 
 
@@ -45,7 +45,7 @@ def anomalib_model(data):
     ref.feature_extractor.feature_extractor.load_state_dict(ours.backbone.model.state_dict())
     ref.train()
     with torch.no_grad():
-        embeddings = ref(normalize(train))  # (N * P, D): what anomalib would put in its bank
+        embeddings = ref(normalize(train.pixels))  # (N * P, D): what anomalib would put in its bank
     ref.eval()
     return ref, embeddings, ours
 
@@ -114,7 +114,7 @@ def clad_score(patch: torch.Tensor, bank: torch.Tensor, n_reweight: int = 3) -> 
 def test_clad_options_match_the_papers_code(data) -> None:
     context, train, test, batch = data
     ours = fitted(context, train, aggregation="clad", score_weighting="clad")
-    features = ours.backbone.model(normalize(train))
+    features = ours.backbone.model(normalize(train.pixels))
     torch.testing.assert_close(ours.memory_bank, clad_embedding(features), rtol=1e-5, atol=1e-6)
     patches = clad_embedding(ours.backbone.model(normalize(test)))
     expected = torch.stack([clad_score(p, ours.memory_bank) for p in patches.split(64)])

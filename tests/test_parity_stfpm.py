@@ -17,9 +17,10 @@ from anomalib.models.components import TimmFeatureExtractor
 from anomalib.models.image.stfpm.lightning_model import Stfpm as AnomalibStfpm
 from anomalib.models.image.stfpm.loss import STFPMLoss
 from clbench.backbones import BackbonePool
-from clbench.data import Batch, normalize
+from clbench.data import normalize
 from methods.base import MethodContext
 from methods.stfpm import STFPM
+from conftest import smooth_batch
 
 SIZE = 64
 LAYERS = ["layer1", "layer2", "layer3"]
@@ -27,14 +28,6 @@ LAYERS = ["layer1", "layer2", "layer3"]
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max().detach())
-
-
-def images(n: int, seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, SIZE // 8, SIZE // 8, generator=g)
-    pixels = (torch.nn.functional.interpolate(low, size=SIZE, mode="bilinear") * 255).to(torch.uint8)
-    keys = [f"alpha/test/good/{seed}-{i:03d}.png" for i in range(n)]  # unique: the teacher caches by key
-    return Batch(pixels, keys, torch.zeros(n, dtype=torch.int64), torch.zeros(n, SIZE, SIZE, dtype=torch.bool))
 
 
 def build_pair(monkeypatch: pytest.MonkeyPatch, **params) -> tuple[STFPM, anomalib_stfpm.STFPMModel]:
@@ -53,7 +46,7 @@ def build_pair(monkeypatch: pytest.MonkeyPatch, **params) -> tuple[STFPM, anomal
 
 def test_maps_scores_loss_and_sgd_step_match_anomalib(monkeypatch) -> None:
     ours, ref = build_pair(monkeypatch, weight_decay=1e-3)  # anomalib's weight decay, for the step
-    test, train = images(3, seed=0), images(4, seed=1)
+    test, train = smooth_batch(3, seed=0, size=SIZE), smooth_batch(4, seed=1, size=SIZE)
 
     # anomaly maps and image scores (eval mode)
     ours.eval(), ref.eval()
