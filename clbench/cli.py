@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import textwrap
@@ -90,6 +91,7 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run folder from its last completed step")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks of errors")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -119,7 +121,7 @@ def _print_run(run_dir: Path) -> None:
     from clbench.plots import accuracy_matrix
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = pd.read_csv(run_dir / "metrics.csv")
+    metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"trained_task": str, "eval_task": str})  # '01' stays '01'
     print(f"\nrun: {run_dir}")
     print("pixel AUROC (rows: after training step; columns: evaluated task)")
     with pd.option_context("display.width", 200, "display.max_columns", 50):
@@ -127,36 +129,35 @@ def _print_run(run_dir: Path) -> None:
     for metric in ("pixel_auroc", "image_auroc", "pixel_aupro"):
         values = summary["metrics"].get(metric)
         if values:
-            print(f"{metric:12s} ACC {values['acc']:.3f}  BWT {values['bwt']:+.3f}  FM {values['fm']:.3f}")
+            acc, bwt, fm = _number(values.get("acc"), ".3f"), _number(values.get("bwt"), "+.3f"), _number(values.get("fm"), ".3f")
+            print(f"{metric:12s} ACC {acc}  BWT {bwt}  FM {fm}")
     print(f"plots: {run_dir / 'plots'}")
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
-    from clbench.synth import generate
+def _number(value: Any, spec: str) -> str:
+    """A summary value for the terminal: null (undefined, NaN) reads "n/a"."""
+    return "n/a" if value is None or value != value else format(value, spec)
 
-    names = generate(args.out, categories=args.categories, size=args.size, seed=args.seed)
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write the synthetic dataset only into a folder clbench owns (new, empty or marked)."""
+    from clbench.synth import synthesize
+
+    names = synthesize(args.out, categories=args.categories, size=args.size, seed=args.seed)
     print(f"wrote {len(names)} categories to {args.out}: {', '.join(names)}")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    import pandas as pd
+    """Print the dataset's table and every fault (errors on stderr); exit 2 if any is an error."""
+    from clbench.datacheck import check_dataset, format_report
 
-    from clbench.data import list_categories, load_category
-
-    rows = []
-    for name in list_categories(args.root):
-        c = load_category(args.root, name, args.val_fraction, args.seed, verify_images=True)
-        sizes = ", ".join(f"{w}x{h}" for w, h in c.image_sizes)
-        rows.append(dict(category=name, train=len(c.train), val=len(c.val),
-                         test_good=sum(s.label == 0 for s in c.test), test_defect=sum(s.label == 1 for s in c.test),
-                         defects=", ".join(c.defects), image_sizes=sizes))
-    if not rows:
-        raise ConfigError(f"{args.root}: no categories (folders with train/good)")
-    with pd.option_context("display.width", 200, "display.max_colwidth", 60):
-        print(pd.DataFrame(rows).to_string(index=False))
-    print(f"{len(rows)} categories OK")
-    return 0
+    report = check_dataset(args.root, args.val_fraction, args.seed, args.image_size, args.crop_size)
+    out, errors = format_report(report)
+    print("\n".join(out), flush=True)
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+    return 2 if errors else 0
 
 
 def cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
@@ -229,16 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets: generate the synthetic one, check one on disk")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    synth = data_sub.add_parser("synth", help="write the built-in synthetic dataset (MVTec layout)")
-    synth.add_argument("--out", type=Path, required=True)
+    synth = data_sub.add_parser(
+        "synth", help="write the built-in synthetic dataset (MVTec layout) into a new, empty or clbench-generated folder")
+    synth.add_argument("--out", type=Path, required=True,
+                       help="a new or empty folder (then marked as clbench's), or one clbench generated before")
     synth.add_argument("--categories", type=int, default=15)
     synth.add_argument("--size", type=int, default=128)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_synth)
-    check = data_sub.add_parser("check", help="validate a dataset in MVTec layout and print a table")
+    check = data_sub.add_parser(
+        "check", help="validate a dataset in MVTec layout: a table, every note and warning, every error (exit 2 on errors)")
     check.add_argument("root", type=Path)
     check.add_argument("--val-fraction", type=float, default=0.1)
     check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--image-size", type=int, help="also report defect masks that vanish at this run resolution")
+    check.add_argument("--crop-size", type=int, help="... and this center crop")
     check.set_defaults(func=cmd_check)
 
     mem = sub.add_parser("memory", help="analytic memory of a method's state and/or a replay buffer (e.g. --budget 30000 for patchcore)")
@@ -260,23 +266,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exceptions that are a user's input or environment, not a bug: one line, no traceback (--debug shows it).
+USER_ERRORS = (ConfigError, ValueError, FileExistsError, FileNotFoundError, NotImplementedError)
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def error_line(err: BaseException) -> str:
+    """The one line printed for a user or environment error (an OSError names its file)."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        line = f"{where}{err.strerror}"
+        if err.errno in FULL_DISK:
+            line += " (disk full or file-size limit: files already written are kept; free space, then --resume)"
+        return line
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "memory":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    debug = getattr(args, "debug", False)
     try:
         if args.command == "memory":
             return cmd_memory(args, extra)
         if args.command == "run":
             return cmd_run(args)
         return args.func(args)
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, NotImplementedError) as err:
-        if args.debug:
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"clbench: error: {err}", file=sys.stderr)
+        hint = "; run the same command with --resume to continue from the last completed step" if args.command == "run" else ""
+        print(f"\nclbench: interrupted{hint}", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"clbench: error: {error_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # the environment: permissions, a full disk, a file-size limit
+        if debug:
+            raise
+        print(f"clbench: error: {error_line(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,7 +25,7 @@ class RunConfig:
     tasks: Any = "all"  # list of categories | "all" | count | preset ("mvtec", "paper10")
     task_order: str = "given"  # "given" | "shuffle" (seeded)
     data_root: str = "data/synthetic"
-    synthetic: bool = True  # generate the built-in synthetic dataset at data_root if missing (never into existing data)
+    synthetic: bool | str = "auto"  # auto: generate the built-in synthetic dataset only at the default data_root; true: at data_root; false: never (clbench.dataroot)
     synthetic_categories: int = 15
     image_size: int = 128  # images are resized to image_size x image_size ...
     crop_size: int | None = None  # ... then center-cropped to crop_size (PaDiM/PatchCore/CFA: 256 -> 224); None: no crop
@@ -70,6 +71,40 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def run_name_problem(name: Any) -> str | None:
+    """Why ``name`` is not one plain folder name (None if it is).
+
+    A run folder is ``<output_dir>/<name>`` and ``--overwrite`` deletes it, so the name must not
+    reach outside ``output_dir`` (``/``, ``..``), be the output folder itself (``.``, empty), hide
+    (a leading ``.``: clbench's own files start with one), read as a flag (a leading ``-``), or
+    carry control characters (NUL, newlines: they break file systems, logs and CSV rows).
+    Any other character, unicode included, is fine; 255 bytes at most (the usual file-name limit)."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty folder name"
+    if "/" in name or "\\" in name:
+        return "must be one folder name, without '/' or '\\'"
+    if name.startswith("."):
+        return "must not start with '.' ('.', '..' and hidden names are not run folders)"
+    if name.startswith("-"):
+        return "must not start with '-'"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return "must not contain control characters"
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        return "must be at most 255 bytes long"
+    return None
+
+
+def check_run_name(name: Any, what: str = "name") -> str:
+    """``name`` if it is one plain folder name, else a ConfigError naming it."""
+    problem = run_name_problem(name)
+    if problem is not None:
+        raise ConfigError(f"{what} {problem}, got {name!r}")
+    return name
+
+
 def validate(config: RunConfig, source: str = "config") -> RunConfig:
     """Check types and ranges of the engine's own keys (methods check their own parameters)."""
     c = config
@@ -91,10 +126,11 @@ def validate(config: RunConfig, source: str = "config") -> RunConfig:
     _check(isinstance(c.feature_cache_gb, (int, float)) and c.feature_cache_gb >= 0, f"{source}: 'feature_cache_gb' must be >= 0, got {c.feature_cache_gb!r}")
     _check(isinstance(c.epochs_scale, (int, float)) and not isinstance(c.epochs_scale, bool) and c.epochs_scale > 0, f"{source}: 'epochs_scale' must be > 0, got {c.epochs_scale!r}")
     _check(c.max_epochs is None or (isinstance(c.max_epochs, int) and not isinstance(c.max_epochs, bool) and c.max_epochs > 0), f"{source}: 'max_epochs' must be a positive integer, got {c.max_epochs!r}")
-    _check(isinstance(c.synthetic, bool), f"{source}: 'synthetic' must be true or false, got {c.synthetic!r}")
+    _check(isinstance(c.synthetic, bool) or c.synthetic == "auto", f"{source}: 'synthetic' must be auto, true or false, got {c.synthetic!r}")
     _check(c.backbone is None or (isinstance(c.backbone, str) and c.backbone), f"{source}: 'backbone' must be a timm model name, got {c.backbone!r}")
-    _check(c.name is None or (isinstance(c.name, str) and c.name and "/" not in c.name), f"{source}: 'name' must be a folder name, got {c.name!r}")
-    _check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), f"{source}: 'device' must be auto, cpu or cuda[:N], got {c.device!r}")
+    if c.name is not None:
+        check_run_name(c.name, f"{source}: 'name'")
+    _check(DEVICE_PATTERN.fullmatch(c.device) is not None, f"{source}: 'device' must be auto, cpu, cuda or cuda:N, got {c.device!r}")
     tasks_ok = (
         isinstance(c.tasks, str)
         or (isinstance(c.tasks, int) and not isinstance(c.tasks, bool))
@@ -111,6 +147,40 @@ def from_mapping(data: Mapping[str, Any], source: str = "config") -> RunConfig:
     return validate(RunConfig(**dict(data)), source)
 
 
+def yaml_error(path: str | Path, err: yaml.YAMLError) -> ConfigError:
+    """One line for malformed YAML: the file, the line and column, and what is wrong there."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    return ConfigError(f"{where}: invalid YAML: {detail}")
+
+
+def read_yaml_mapping(path: str | Path, what: str = "expected a mapping of keys to values at top level",
+                      *, allow_empty: bool = False) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; malformed, empty, binary or unreadable files are one
+    ConfigError naming the file (and the line and column of a syntax error)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file ({what})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a YAML file") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise yaml_error(path, err) from None
+    if loaded is None and allow_empty:
+        return {}
+    if loaded is None:
+        raise ConfigError(f"{path}: empty ({what})")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: {what}, got a {type(loaded).__name__}")
+    return loaded
+
+
 def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Config from a YAML file (optional) with ``overrides`` (e.g. CLI flags) on top."""
     data: dict[str, Any] = {}
@@ -120,13 +190,7 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values at top level")
-        data.update(loaded)
+        data.update(read_yaml_mapping(path, allow_empty=True))  # an empty config: all defaults
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value

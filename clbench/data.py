@@ -12,8 +12,10 @@ for evaluation.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -24,6 +26,10 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Pillow modes whose grey values run over 16 bits (a 16-bit PNG opens as "I;16"; older Pillow: "I").
+WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+log = logging.getLogger("clbench")
 
 
 class DatasetError(ValueError):
@@ -53,27 +59,164 @@ class Category:
     image_sizes: tuple[tuple[int, int], ...]  # distinct (width, height) seen
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+@dataclass(frozen=True)
+class RootScan:
+    """What a data root holds, from its folder names only (no image is opened)."""
+
+    root: Path
+    categories: tuple[str, ...]  # folders with train/good, sorted
+    incomplete: tuple[str, ...]  # other visible folders (and broken links): not categories, but never silently
 
 
-def _image_size(path: Path, verify: bool) -> tuple[int, int]:
-    """Open the header (and with ``verify`` decode the pixels) so a corrupt file fails here."""
+@dataclass
+class _Faults:
+    """Where a scan reports a fault: raised at once (a run stops at the first) or collected (data check)."""
+
+    collect: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def error(self, message: str) -> None:
+        if not self.collect:
+            raise DatasetError(message)
+        self.errors.append(message)
+
+
+def is_hidden(path: Path) -> bool:
+    """Hidden entries (.ipynb_checkpoints, macOS ._x.png, clbench's own staging) are never data."""
+    return path.name.startswith(".")
+
+
+def _broken_link(path: Path) -> bool:
+    """A symbolic link whose target is missing, or a link loop (``exists`` is False for both)."""
+    return path.is_symlink() and not path.exists()
+
+
+def _entries(folder: Path, faults: _Faults) -> list[Path]:
+    """Visible entries of a folder, sorted. Never recursive, so a link loop cannot make a scan hang."""
+    try:
+        return sorted(p for p in folder.iterdir() if not is_hidden(p))
+    except OSError as err:
+        faults.error(f"{folder}: cannot list the folder ({err.strerror or err})")
+        return []
+
+
+def _images_in(folder: Path, faults: _Faults) -> list[Path]:
+    """The image files of a folder. Two images with one stem would share a key (and a mask): refused."""
+    images: list[Path] = []
+    by_stem: dict[str, Path] = {}
+    for path in _entries(folder, faults):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if _broken_link(path):
+            faults.error(f"{path}: broken symbolic link (its target is missing, or the link is a loop)")
+            continue
+        if not path.is_file():
+            continue
+        first = by_stem.setdefault(path.stem, path)
+        if first is not path:
+            faults.error(f"{folder}: {first.name} and {path.name} share the name '{path.stem}' "
+                         "(an image's key and mask come from its name): keep one of them")
+            continue
+        images.append(path)
+    return images
+
+
+def _subfolders(folder: Path, faults: _Faults) -> list[Path]:
+    """Visible subfolders (none if ``folder`` is not one); a broken link among them is a fault."""
+    if not folder.is_dir():
+        return []
+    subfolders = []
+    for path in _entries(folder, faults):
+        if _broken_link(path):
+            faults.error(f"{path}: broken symbolic link (its target is missing, or the link is a loop)")
+        elif path.is_dir():
+            subfolders.append(path)
+    return subfolders
+
+
+def _bomb_message(path: Path, err: Exception) -> str:
+    return f"{path}: refused as a possible decompression bomb, not decoded ({err})"
+
+
+@contextlib.contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` where every fault, also one raised while the caller decodes, is one
+    DatasetError naming the file (a decompression bomb, a truncated or foreign file, no permission)."""
     try:
         with Image.open(path) as img:
-            if verify:
-                img.load()
-            return img.size
+            yield img
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise DatasetError(_bomb_message(path, err)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DatasetError(f"{path}: unreadable or corrupt image ({err.__class__.__name__}: {err})") from None
 
 
-def list_categories(root: str | Path) -> list[str]:
-    """Sorted names of the folders under ``root`` that have a ``train/good`` folder."""
+def _image_size(path: Path, verify: bool) -> tuple[int, int]:
+    """Open the header (and with ``verify`` decode the pixels) so a corrupt file fails here."""
+    with open_image(path) as img:
+        if verify:
+            img.load()
+        return img.size
+
+
+def is_wide(img: Image.Image) -> bool:
+    """More than 8 bits per channel in the file (16-bit grey or 48/64-bit colour), from the header."""
+    if img.mode in WIDE_GREY_MODES:
+        return True
+    return any(";16" in str(tile.args[0] if isinstance(tile.args, tuple) else tile.args) for tile in img.tile)
+
+
+def to_rgb8(img: Image.Image, path: Path | None = None) -> Image.Image:
+    """The image as 8-bit RGB, whatever its mode.
+
+    16-bit grey is scaled by 255/65535 (``convert("RGB")`` would clip it to white); Pillow reads
+    48/64-bit colour PNGs as 8 bits per channel itself (the high byte). Palette images take their
+    palette colours (transparency ignored), RGBA/LA drop alpha, CMYK uses Pillow's conversion,
+    1-bit is 0/255. 8-bit grey and RGB go through ``convert("RGB")`` exactly as before.
+    """
+    if img.mode in WIDE_GREY_MODES:
+        grey = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        scaled = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+        return Image.fromarray(scaled).convert("RGB")
+    if img.mode == "F":
+        raise DatasetError(f"{path}: 32-bit float pixels have no defined range: save the image with 8 or 16 bits")
+    if img.mode in ("P", "PA") and ("transparency" in img.info or img.mode == "PA"):
+        return img.convert("RGBA").convert("RGB")  # Pillow warns on convert("RGB") of such palettes
+    return img.convert("RGB")
+
+
+def mask_pixels(img: Image.Image) -> np.ndarray:
+    """Defect pixels of a mask (bool HxW): every non-zero value, whatever the convention (MVTec's
+    0/255, VisA's 0/1, 16-bit, a 1-bit image); in colour or palette masks any non-black colour."""
+    if img.mode in ("1", "L", "F") or img.mode in WIDE_GREY_MODES:
+        return np.asarray(img) != 0
+    if img.mode == "LA":
+        return np.asarray(img.getchannel(0)) != 0
+    return (np.asarray(to_rgb8(img)) != 0).any(axis=2)
+
+
+def scan_root(root: str | Path) -> RootScan:
+    """Categories of a root (folders with ``train/good``) and the visible folders that are not."""
     root = Path(root)
     if not root.is_dir():
+        if root.exists():
+            raise DatasetError(f"{root}: dataset root is not a folder")
         raise DatasetError(f"{root}: dataset root not found (expected a folder in MVTec AD layout)")
-    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    categories: list[str] = []
+    incomplete: list[str] = []
+    for path in _entries(root, _Faults()):
+        if (path / "train" / "good").is_dir():
+            categories.append(path.name)
+        elif path.is_dir() or _broken_link(path):
+            incomplete.append(path.name)
+    return RootScan(root, tuple(categories), tuple(incomplete))
+
+
+def list_categories(root: str | Path) -> list[str]:
+    """Sorted names of the visible folders under ``root`` that have a ``train/good`` folder."""
+    return list(scan_root(root).categories)
 
 
 def _split_train_val(files: list[Path], val_fraction: float, seed: int, name: str) -> tuple[list[Path], list[Path]]:
@@ -95,60 +238,82 @@ def load_category(
     With ``verify_images`` every image is fully decoded (slow on big sets; ``clbench data check``).
     Otherwise only headers are read, and a truncated file is reported when it is decoded.
     """
-    root = Path(root)
+    return _scan_category(Path(root), name, val_fraction, seed, verify_images, _Faults())
+
+
+def inspect_category(root: str | Path, name: str, val_fraction: float = 0.1, seed: int = 0) -> tuple[Category, list[str]]:
+    """Every layout fault of a category (not just the first), with what could be loaded despite them."""
+    faults = _Faults(collect=True)
+    category = _scan_category(Path(root), name, val_fraction, seed, False, faults)
+    return category, faults.errors
+
+
+def _scan_category(root: Path, name: str, val_fraction: float, seed: int, verify: bool, faults: _Faults) -> Category:
+    """The walk behind ``load_category`` and ``inspect_category``: folders, files, masks, header sizes."""
     folder = root / name
-    if not folder.is_dir():
+    if is_hidden(folder) or not folder.is_dir():
         available = ", ".join(list_categories(root)) or "none"
         raise DatasetError(f"{folder}: category '{name}' not found (available: {available})")
+    sizes: set[tuple[int, int]] = set()
+
+    def size_of(path: Path) -> tuple[int, int] | None:
+        try:
+            size = _image_size(path, verify)
+        except DatasetError as err:
+            faults.error(str(err))
+            return None
+        sizes.add(size)
+        return size
+
+    train_files: list[Path] = []
     good_dir = folder / "train" / "good"
     if not good_dir.is_dir():
-        raise DatasetError(f"{good_dir}: missing (every category needs train/good)")
-    train_files = _images_in(good_dir)
-    if not train_files:
-        raise DatasetError(f"{good_dir}: no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    test_dir = folder / "test"
-    if not test_dir.is_dir():
-        raise DatasetError(f"{test_dir}: missing (every category needs a test folder)")
-
-    sizes: set[tuple[int, int]] = set()
-    for path in train_files:
-        sizes.add(_image_size(path, verify_images))
-    train, val = _split_train_val(train_files, val_fraction, seed, name)
+        faults.error(f"{good_dir}: missing (every category needs train/good)")
+    else:
+        train_files = [p for p in _images_in(good_dir, faults) if size_of(p) is not None]
+        if not train_files:
+            faults.error(f"{good_dir}: no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    train, val = _split_train_val(train_files, val_fraction, seed, name) if train_files else ([], [])
 
     def good(path: Path, split: str) -> Sample:
         return Sample(f"{name}/{split}/good/{path.stem}", path, None, 0, "good")
 
     test: list[Sample] = []
     defects: list[str] = []
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+    test_dir = folder / "test"
+    if not test_dir.is_dir():
+        faults.error(f"{test_dir}: missing (every category needs a test folder)")
+    for defect_dir in _subfolders(test_dir, faults):
         defect = defect_dir.name
-        images = _images_in(defect_dir)
+        images = _images_in(defect_dir, faults)
         if not images:
-            raise DatasetError(f"{defect_dir}: no images")
+            faults.error(f"{defect_dir}: no images")
+            continue
         if defect == "good":
-            for path in images:
-                sizes.add(_image_size(path, verify_images))
-                test.append(good(path, "test"))
+            test.extend(good(path, "test") for path in images if size_of(path) is not None)
             continue
         defects.append(defect)
         mask_dir = folder / "ground_truth" / defect
         if not mask_dir.is_dir():
-            raise DatasetError(f"{mask_dir}: missing (defect folder {defect_dir} needs masks)")
+            faults.error(f"{mask_dir}: missing (defect folder {defect_dir} needs masks)")
+            continue
         for path in images:
             mask = mask_dir / f"{path.stem}_mask.png"
             if not mask.is_file():
-                raise DatasetError(f"{mask}: mask missing for test image {path}")
-            image_size = _image_size(path, verify_images)
-            mask_size = _image_size(mask, verify_images)
+                faults.error(f"{mask}: mask missing for test image {path}")
+                continue
+            image_size, mask_size = size_of(path), size_of(mask)
+            if image_size is None or mask_size is None:
+                continue
             if image_size != mask_size:
-                raise DatasetError(
+                faults.error(
                     f"{mask}: size {mask_size[0]}x{mask_size[1]} differs from its image {path} "
                     f"({image_size[0]}x{image_size[1]})"
                 )
-            sizes.add(image_size)
+                continue
             test.append(Sample(f"{name}/test/{defect}/{path.stem}", path, mask, 1, defect))
-    if not test:
-        raise DatasetError(f"{test_dir}: no test images")
+    if not test and test_dir.is_dir():
+        faults.error(f"{test_dir}: no test images")
     return Category(
         name=name,
         train=tuple(good(p, "train") for p in train),
@@ -162,11 +327,15 @@ def load_category(
 class ImageStore:
     """Decodes each image once at the run's resolution and keeps it as a uint8 CHW tensor.
 
-    Images: bilinear resize to ``size`` x ``size``, grayscale expanded to 3 channels, then (with
-    ``crop``) a center crop of ``crop`` x ``crop`` (torchvision's ``CenterCrop`` offsets: round((size -
-    crop) / 2)), as the benchmark paper's code and PaDiM/PatchCore/CFA do (resize 256, crop 224).
-    Masks: nearest resize, binarised, the same crop. ``out_size`` is what methods see and what is
-    evaluated. Keeping uint8 (not float) is 4x smaller and is also the replay buffer's storage format.
+    Images: 8-bit RGB (``to_rgb8``: 16-bit scaled, palette/alpha/CMYK converted), bilinear resize to
+    ``size`` x ``size``, then (with ``crop``) a center crop of ``crop`` x ``crop`` (torchvision's
+    ``CenterCrop`` offsets: round((size - crop) / 2)), as the benchmark paper's code and
+    PaDiM/PatchCore/CFA do (resize 256, crop 224). Masks: every non-zero pixel is a defect
+    (``mask_pixels``), nearest resize, the same crop; a defect image whose mask is empty, in the
+    file or at this resolution, is one warning line naming the mask (small defects can vanish at
+    low resolution: the run goes on, the image still counts for image metrics). ``out_size`` is
+    what methods see and what is evaluated. Keeping uint8 (not float) is 4x smaller and is also
+    the replay buffer's storage format.
     """
 
     def __init__(self, size: int, crop: int | None = None) -> None:
@@ -181,21 +350,16 @@ class ImageStore:
         self._images: dict[str, torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] = {}
 
-    def _decode(self, path: Path, mode: str, resample: Image.Resampling) -> np.ndarray:
-        try:
-            with Image.open(path) as img:
-                img = img.convert(mode).resize((self.size, self.size), resample)
-                array = np.asarray(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise DatasetError(f"{path}: unreadable or corrupt image ({err.__class__.__name__}: {err})") from None
+    def _crop(self, array: np.ndarray) -> np.ndarray:
         o, n = self._offset, self.out_size
         return array[o:o + n, o:o + n]
 
     def image(self, sample: Sample) -> torch.Tensor:
         cached = self._images.get(sample.key)
         if cached is None:
-            array = self._decode(sample.image, "RGB", Image.Resampling.BILINEAR)
-            cached = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+            with open_image(sample.image) as img:
+                array = np.asarray(to_rgb8(img, sample.image).resize((self.size, self.size), Image.Resampling.BILINEAR))
+            cached = torch.from_numpy(self._crop(array).copy()).permute(2, 0, 1).contiguous()
             self._images[sample.key] = cached
         return cached
 
@@ -204,10 +368,29 @@ class ImageStore:
             return torch.zeros(self.out_size, self.out_size, dtype=torch.bool)
         cached = self._masks.get(sample.key)
         if cached is None:
-            array = self._decode(sample.mask, "L", Image.Resampling.NEAREST)
-            cached = torch.from_numpy(array > 127)
+            cached = torch.from_numpy(self.mask_array(sample.mask, warn=sample.label == 1).copy())
             self._masks[sample.key] = cached
         return cached
+
+    def mask_array(self, path: Path, warn: bool = False) -> np.ndarray:
+        """A mask at the run's resolution (bool, cropped); with ``warn``, an empty one is one warning line."""
+        with open_image(path) as img:
+            full = mask_pixels(img)
+        binary = Image.fromarray(full.astype(np.uint8) * 255)
+        array = self._crop(np.asarray(binary.resize((self.size, self.size), Image.Resampling.NEAREST)) > 0)
+        if warn and not array.any():
+            log.warning("warning: %s", empty_mask_message(path, int(full.sum()), self.size, self.crop))
+        return array
+
+
+def empty_mask_message(path: Path, defect_pixels: int, size: int | None = None, crop: int | None = None) -> str:
+    """Why a defect image adds no defect pixel: its mask file is empty, or the defect vanished at
+    the run's resolution (nearest resize of a small defect, or a crop that cuts it off)."""
+    if defect_pixels == 0:
+        return f"{path}: defect mask is empty (no non-zero pixel): its image adds no defect pixel to pixel metrics"
+    cropped = f", cropped to {crop}x{crop}" if crop and crop != size else ""
+    return (f"{path}: the defect's {defect_pixels} pixels vanish at the run's resolution "
+            f"({size}x{size} nearest{cropped}): its image adds no defect pixel to pixel metrics")
 
 
 @dataclass

@@ -23,10 +23,14 @@ exactly this range.  The last task (``j = T - 1``) is excluded from BWT and FM
 because it has no "later" value in a sequential run.  BWT and FM are NaN
 when T < 2.
 
-NaN entries (metric undefined, e.g. a test set with a single class) are
-ignored: each mean/max runs over the defined entries only (so the 1/(T-1)
-becomes 1/(number of defined terms)), and a result with no defined term is
-NaN.  No RuntimeWarning is emitted for all-NaN slices.
+NaN entries (metric undefined for a task, e.g. a test set without a
+defective image or without a single anomalous pixel) are never dropped: a
+summary that uses a NaN entry is NaN.  Averaging over the defined tasks only
+would silently report ACC/BWT/FM over fewer tasks than the run has, and the
+number would look like any other.  ``undefined_tasks(R)`` names the tasks
+with a NaN entry; the runner records them in ``summary.json`` (where NaN is
+written as ``null``) next to the values they make undefined, and warns at the
+end of the run.  No RuntimeWarning is emitted for NaN entries.
 
 Relative forgetting (the benchmark paper's)
 -------------------------------------------
@@ -54,29 +58,36 @@ forgetting" for a run that cannot forget).  ``j`` runs over the tasks learned
 before the final step (``j < min(F, T)``; the code assumes S == T).  A
 reference ``R[l, j] == 0`` is skipped: in the code (numpy floats) its ratio is
 ``-inf`` or ``0/0 = nan``, neither of which raises the max above its start 0.
-NaN entries follow the rule above: a NaN reference is skipped, a task whose
-final value or whose every reference is NaN drops out, and the 1/F becomes
-1/(number of defined terms).
+NaN entries follow the rule above: a NaN final value or reference makes RF
+NaN (the code's ``max(0.0, nan)`` would count that task as "not forgotten").
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["acc", "bwt", "forgetting_measure", "relative_forgetting", "summarize", "summarize_joint"]
+__all__ = ["acc", "bwt", "forgetting_measure", "relative_forgetting", "summarize", "summarize_joint",
+           "undefined_tasks"]
 
 
-def _nanmean(values: np.ndarray) -> float:
-    """Mean over non-NaN entries; NaN (without a warning) if there is none."""
+def _mean(values: np.ndarray) -> float:
+    """Mean of all entries: NaN if any entry is NaN (never a mean over fewer terms) or none exists."""
     values = np.asarray(values, dtype=np.float64)
-    defined = values[~np.isnan(values)]
-    return float(defined.mean()) if defined.size else float("nan")
+    return float(values.mean()) if values.size and not np.isnan(values).any() else float("nan")
 
 
-def _nanmax(values: np.ndarray) -> float:
-    """Max over non-NaN entries; NaN (without a warning) if there is none."""
-    defined = values[~np.isnan(values)]
-    return float(defined.max()) if defined.size else float("nan")
+def _max(values: np.ndarray) -> float:
+    """Max of all entries: NaN if any entry is NaN or none exists."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.max()) if values.size and not np.isnan(values).any() else float("nan")
+
+
+def undefined_tasks(R: np.ndarray) -> list[int]:
+    """Indices of the tasks (columns) with a NaN entry at any step: what makes a summary NaN."""
+    R = np.asarray(R, dtype=np.float64)
+    if R.ndim == 1:
+        R = R[None, :]
+    return [int(j) for j in np.flatnonzero(np.isnan(R).any(axis=0))]
 
 
 def _as_matrix(R: np.ndarray, *, need_diagonal: bool) -> np.ndarray:
@@ -90,9 +101,9 @@ def _as_matrix(R: np.ndarray, *, need_diagonal: bool) -> np.ndarray:
 
 
 def acc(R: np.ndarray) -> float:
-    """Mean of the final row over all T tasks (NaN entries ignored)."""
+    """Mean of the final row over all T tasks (NaN if one is NaN)."""
     R = _as_matrix(R, need_diagonal=False)
-    return _nanmean(R[-1])
+    return _mean(R[-1])
 
 
 def bwt(R: np.ndarray) -> float:
@@ -102,7 +113,7 @@ def bwt(R: np.ndarray) -> float:
     if n_tasks < 2:
         return float("nan")
     j = np.arange(n_tasks - 1)
-    return _nanmean(R[-1, j] - R[j, j])
+    return _mean(R[-1, j] - R[j, j])
 
 
 def forgetting_measure(R: np.ndarray) -> float:
@@ -111,15 +122,16 @@ def forgetting_measure(R: np.ndarray) -> float:
     n_tasks, final = R.shape[1], R.shape[0] - 1
     if n_tasks < 2:
         return float("nan")
-    drops = [_nanmax(R[j:final, j]) - R[final, j] for j in range(n_tasks - 1)]
-    return _nanmean(np.array(drops))
+    drops = [_max(R[j:final, j]) - R[final, j] for j in range(n_tasks - 1)]
+    return _mean(np.array(drops))
 
 
 def relative_forgetting(R: np.ndarray) -> float:
     """The paper's relative forgetting at the final step F = S - 1 (a fraction, >= 0).
 
     mean_{j < min(F, T)} max(0, max_{l < F} (1 - R[F, j] / R[l, j])); NaN if
-    F < 1.  Zero and NaN references are skipped (see the module docstring).
+    F < 1 or an entry it uses is NaN.  Zero references are skipped (see the
+    module docstring).
     """
     R = _as_matrix(R, need_diagonal=False)
     final = R.shape[0] - 1
@@ -128,12 +140,11 @@ def relative_forgetting(R: np.ndarray) -> float:
     terms = []
     for j in range(min(final, R.shape[1])):
         last, refs = R[final, j], R[:final, j]
-        refs = refs[~np.isnan(refs)]
-        if np.isnan(last) or refs.size == 0:
-            continue
+        if np.isnan(last) or np.isnan(refs).any():
+            return float("nan")
         refs = refs[refs != 0]
         terms.append(float(np.max(1.0 - last / refs, initial=0.0)))  # initial 0: the clip
-    return _nanmean(np.array(terms))
+    return _mean(np.array(terms))
 
 
 def summarize(R: np.ndarray) -> dict[str, float]:
@@ -146,8 +157,8 @@ def summarize_joint(R_row: np.ndarray) -> dict[str, float]:
     """Summary of a single-step run (joint training / upper bound).
 
     ``R_row`` is the (T,) or (1, T) row of per-task metrics after the one
-    step; only ACC is defined, BWT, FM and relative forgetting are NaN
-    (nothing was learned later).
+    step; only ACC is defined (NaN if a task's value is), BWT, FM and
+    relative forgetting are NaN (nothing was learned later).
     """
     row = np.asarray(R_row, dtype=np.float64)
     if row.ndim == 2 and row.shape[0] == 1:
@@ -155,4 +166,4 @@ def summarize_joint(R_row: np.ndarray) -> dict[str, float]:
     if row.ndim != 1 or row.size == 0:
         raise ValueError(f"R_row must be a non-empty (T,) or (1, T) array, got shape {np.shape(R_row)}")
     nan = float("nan")
-    return {"acc": _nanmean(row), "bwt": nan, "fm": nan, "relative_forgetting": nan}
+    return {"acc": _mean(row), "bwt": nan, "fm": nan, "relative_forgetting": nan}

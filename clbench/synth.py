@@ -33,10 +33,16 @@ Categories and defects (``describe()`` prints this table):
 
 Every image has its own generator, seeded by (seed, category, split, index), so a category's
 images do not depend on which other categories are generated, nor on the order.
+
+clbench never deletes or overwrites what it did not generate: ``synthesize`` (``clbench data
+synth``, runs) writes only into a new or empty folder, which it marks with ``MARKER`` (listing the
+categories and settings it generated there), or into a folder so marked; ``generate`` replaces an
+existing category only if that marker lists it.
 """
 from __future__ import annotations
 
 import functools
+import json
 import multiprocessing
 import os
 import re
@@ -53,12 +59,15 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["CATEGORY_NAMES", "GRAYSCALE_CATEGORIES", "DEFECT_TYPES", "generate", "describe", "render_sample"]
+__all__ = ["CATEGORY_NAMES", "GRAYSCALE_CATEGORIES", "DEFECT_TYPES", "MARKER", "generate", "synthesize", "describe",
+           "render_sample"]
 
 Array = np.ndarray
 Rng = np.random.Generator
 Color = tuple[float, float, float]
 
+MARKER = ".clbench-synthetic.json"  # marks a folder clbench generated; lists the categories it wrote there
+STAGING_MARKER = ".clbench-staging"  # marks a staging folder as clbench's (only those are cleaned up)
 MIN_SIZE = 32
 CHANGE_THRESHOLD = 26  # grey levels (of 255): a masked pixel changed by at least this; noise sigma is ~3
 MIN_DEFECT_FRACTION = 0.004  # of the image area; defects are redrawn until they fall in range
@@ -838,7 +847,8 @@ def _write_category(folder: Path, name: str, size: int, seed: int, n_train: int,
 
 
 def _publish(staged: Path, target: Path, staging: Path) -> None:
-    """Replace ``target`` by the complete ``staged`` folder; the old one is moved aside first."""
+    """Replace ``target`` (a category of clbench's own, checked before) by the complete ``staged``
+    folder; the old one is moved aside into the staging folder first."""
     if target.exists() or target.is_symlink():
         old = staging / f"old-{target.name}"
         os.rename(target, old)
@@ -850,6 +860,7 @@ def _generate_category(out: Path, name: str, size: int, seed: int, counts: tuple
     mistake it for a category) and rename it into place only once complete."""
     staging = Path(tempfile.mkdtemp(prefix=f".synth-{name}-{os.getpid()}-", dir=out))
     try:
+        (staging / STAGING_MARKER).touch()  # what lets a later generation recognise it as clbench's
         staged = staging / name
         _write_category(staged, name, size, seed, *counts)
         _publish(staged, out / name, staging)
@@ -858,10 +869,12 @@ def _generate_category(out: Path, name: str, size: int, seed: int, counts: tuple
 
 
 def _remove_stale_staging(out: Path) -> None:
-    """Delete staging folders left by generations that were killed (their process is gone)."""
+    """Delete staging folders left by generations that were killed (their process is gone); only
+    folders clbench marked as its staging, never a user's folder that happens to match the name."""
     for path in out.glob(".synth-*"):
         match = re.fullmatch(r"\.synth-[a-z0-9_]+-(\d+)-[a-z0-9_]+", path.name)
-        if match and path.is_dir() and not _alive(int(match.group(1))):
+        if (match and path.is_dir() and not path.is_symlink() and (path / STAGING_MARKER).is_file()
+                and not _alive(int(match.group(1)))):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -899,6 +912,90 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+# --------------------------------------------------------------------------------------------
+# Ownership: clbench writes categories only where it may, and replaces only what it generated
+# --------------------------------------------------------------------------------------------
+
+
+def read_marker(out: Path) -> dict | None:
+    """The marker of a folder clbench generated (None: not marked). A marker without a
+    ``categories`` record (written by older versions) is returned as ``{}``."""
+    path = Path(out) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def folder_state(out: Path) -> str:
+    """``missing``, ``empty`` (may be claimed), ``marked`` (clbench's), ``file`` or ``foreign`` (the user's)."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return "missing"
+    if not out.is_dir():
+        return "file"
+    if (out / MARKER).is_file():
+        return "marked"
+    try:
+        return "foreign" if any(out.iterdir()) else "empty"
+    except OSError:
+        return "foreign"
+
+
+def _owned(out: Path, marker: dict | None, name: str) -> bool:
+    """Whether category ``name`` under ``out`` is clbench's: listed in the marker (an old marker
+    without a list: any category of a generated name in a marked folder)."""
+    if marker is None:
+        return False
+    recorded = marker.get("categories")
+    return name in recorded if isinstance(recorded, dict) else name in _SPECS
+
+
+def _refuse_foreign_categories(out: Path, names: Sequence[str]) -> None:
+    """A same-named category clbench did not generate is never replaced: refused before anything is written."""
+    marker = read_marker(out)
+    for name in names:
+        target = out / name
+        if (target.exists() or target.is_symlink()) and not _owned(out, marker, name):
+            raise ValueError(f"{target}: exists and was not generated by clbench (not listed in {out / MARKER}): "
+                             "not replacing it; choose another --out")
+
+
+def _record(out: Path, names: Sequence[str], settings: dict) -> None:
+    """Mark ``out`` as clbench's and list the categories about to be generated (before they are,
+    so a killed generation is recognised and completed later)."""
+    from clbench import atomic
+
+    marker = read_marker(out)
+    recorded = (marker or {}).get("categories")
+    if not isinstance(recorded, dict):  # a new folder, or an old marker: list what it already generated
+        recorded = {n: {} for n in _SPECS if marker is not None and (out / n).is_dir()}
+    recorded.update({name: dict(settings) for name in names})
+    atomic.write_json(out / MARKER, {"generator": "clbench.synth", "categories": recorded})
+
+
+def _up_to_date(out: Path, name: str, settings: dict) -> bool:
+    """A category generated before with the same settings (categories are published complete and
+    are deterministic): nothing to write."""
+    recorded = (read_marker(out) or {}).get("categories")
+    return (isinstance(recorded, dict) and recorded.get(name) == settings
+            and (out / name / "train" / "good").is_dir())
+
+
+def _validated(categories: int | Sequence[str], size: int, seed: int, counts: dict[str, int],
+               workers: int | None) -> tuple[list[str], int, int, tuple[int, int, int], int]:
+    """Every argument checked (one-line ValueError) before anything is written."""
+    names = _resolve_categories(categories)
+    size = _check_int("size", size, MIN_SIZE)
+    seed = _check_int("seed", seed, 0)
+    n = tuple(_check_int(k, v, 0) for k, v in counts.items())
+    workers = _auto_workers(len(names)) if workers is None else _check_int("workers", workers, 1)
+    return names, size, seed, n, workers  # type: ignore[return-value]
+
+
 def generate(
     out_dir: str | Path,
     categories: int | Sequence[str] = 15,
@@ -914,19 +1011,18 @@ def generate(
     whatever ``workers`` is.
 
     ``categories`` is a count (the first N of CATEGORY_NAMES) or a list of names. An existing
-    category folder is replaced, and only by a complete one. ``workers``: processes writing
-    categories in parallel (None: one per CPU when there are enough categories to pay off).
+    category folder is replaced, only by a complete one, and only if clbench generated it (listed
+    in the folder's marker, see ``synthesize``); a category of the user's is refused. ``workers``:
+    processes writing categories in parallel (None: one per CPU when there are enough categories
+    to pay off). This low-level call writes no marker: ``synthesize`` claims a folder.
     """
-    names = _resolve_categories(categories)
-    size = _check_int("size", size, MIN_SIZE)
-    seed = _check_int("seed", seed, 0)
-    counts = tuple(_check_int(k, v, 0) for k, v in
-                   (("n_train", n_train), ("n_test_good", n_test_good), ("n_test_per_defect", n_test_per_defect)))
-    workers = _auto_workers(len(names)) if workers is None else _check_int("workers", workers, 1)
+    counts = dict(n_train=n_train, n_test_good=n_test_good, n_test_per_defect=n_test_per_defect)
+    names, size, seed, n, workers = _validated(categories, size, seed, counts, workers)
     out = Path(out_dir)
+    _refuse_foreign_categories(out, names)
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
-    jobs = [(out, name, size, seed, counts) for name in names]
+    jobs = [(out, name, size, seed, n) for name in names]
     if workers > 1 and len(names) > 1 and sys.platform.startswith("linux"):
         # fork: children only run numpy/Pillow code, and nothing needs re-importing (unlike spawn)
         with ProcessPoolExecutor(min(workers, len(names)), mp_context=multiprocessing.get_context("fork")) as pool:
@@ -936,6 +1032,45 @@ def generate(
         for job in jobs:
             _generate_category(*job)  # type: ignore[arg-type]
     return names
+
+
+def synthesize(
+    out_dir: str | Path,
+    categories: int | Sequence[str] = 15,
+    size: int = 128,
+    seed: int = 0,
+    n_train: int = 40,
+    n_test_good: int = 8,
+    n_test_per_defect: int = 4,
+    workers: int | None = None,
+) -> list[str]:
+    """``generate`` into a folder clbench owns (``clbench data synth`` and runs): a missing or empty
+    folder is claimed (marked with ``MARKER``), a marked one is completed; any other folder, or a
+    category of the user's in a marked one, is refused with one line before anything is written.
+    Categories already generated there with the same settings are kept, not rewritten. A write
+    that fails (read-only, disk full) is one line naming the folder."""
+    counts = dict(n_train=n_train, n_test_good=n_test_good, n_test_per_defect=n_test_per_defect)
+    names, size, seed, _, workers = _validated(categories, size, seed, counts, workers)
+    out = Path(out_dir)
+    state = folder_state(out)
+    if state == "file":
+        raise ValueError(f"{out}: is a file, not a folder")
+    if state == "foreign":
+        raise ValueError(f"{out}: exists, is not empty and is not a clbench synthetic dataset (no {MARKER}): "
+                         "not writing into it; choose a new or empty folder")
+    _refuse_foreign_categories(out, names)
+    settings = dict(size=size, seed=seed, **counts)
+    todo = [name for name in names if not _up_to_date(out, name, settings)]
+    if not todo:
+        return names
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _record(out, todo, settings)
+        generate(out, todo, size, seed, workers=workers, **counts)
+        return names
+    except OSError as err:
+        where = err.filename or out
+        raise ValueError(f"{where}: cannot write the synthetic dataset ({err.strerror or err})") from None
 
 
 def _auto_workers(n_categories: int) -> int:

@@ -106,3 +106,21 @@ def test_cli_require_pretrained_and_allow_random_init(tiny_root: Path, tmp_path:
 
     resolved = yaml.safe_load(next(saved).read_text())
     assert (resolved["require_pretrained"], resolved["crop_size"], resolved["image_size"]) == (False, 32, 40)
+
+
+def test_run_names_are_one_plain_folder_name() -> None:
+    """S03-S05: '.', '..', paths, hidden names, flags and control characters are refused; unicode is fine."""
+    for bad in (".", "..", "a/b", "a\\b", "", ".hidden", "-rf", "a\nb", "a\x00b", "x" * 256, 5):
+        assert cfg.run_name_problem(bad) is not None, bad
+        with pytest.raises(cfg.ConfigError, match="name"):
+            cfg.check_run_name(bad)
+    for good in ("padim-sequential-resnet18-seed0", "ünï-运行", "a.b", "a b", "x" * 255):
+        assert cfg.check_run_name(good) == good
+
+
+def test_device_must_be_auto_cpu_or_cuda_n() -> None:
+    for bad in ("cuda:abc", "gpu", "cuda:", "cpu:0", "CUDA"):
+        with pytest.raises(cfg.ConfigError, match="'device' must be auto, cpu, cuda or cuda:N"):
+            cfg.from_mapping({"device": bad})
+    for good in ("auto", "cpu", "cuda", "cuda:1"):
+        assert cfg.from_mapping({"device": good}).device == good

@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from clbench.forgetting import acc, bwt, forgetting_measure, relative_forgetting, summarize, summarize_joint
+from clbench.forgetting import (acc, bwt, forgetting_measure, relative_forgetting, summarize, summarize_joint,
+                                undefined_tasks)
 
 # R[s, j]: metric on task j after step s.
 R3 = np.array(
@@ -84,22 +85,27 @@ def test_values_before_learning_are_ignored() -> None:
     assert bwt(R) == pytest.approx(-0.1)
 
 
-def test_nan_entries_are_ignored() -> None:
+def test_nan_entries_make_what_uses_them_nan() -> None:
+    """D12: a task whose metric is undefined is never averaged away: every summary that uses a NaN
+    entry is NaN, and ``undefined_tasks`` names the task."""
     R = np.array(
         [
-            [0.90, np.nan, np.nan],
-            [np.nan, 0.80, np.nan],
-            [0.70, np.nan, 0.60],
+            [0.90, np.nan, 0.50],
+            [0.80, 0.80, 0.40],
+            [0.70, 0.75, 0.60],
         ]
     )
-    # ACC over defined final entries: (0.70 + 0.60) / 2
-    # BWT: only j=0 defined: 0.70 - 0.90; j=1 final value is NaN
-    # FM: j=0: max(0.90, NaN) - 0.70 = 0.20; j=1: final NaN -> ignored
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "mean of empty slice" warnings
-        assert acc(R) == pytest.approx(0.65)
-        assert bwt(R) == pytest.approx(-0.20)
-        assert forgetting_measure(R) == pytest.approx(0.20)
+        warnings.simplefilter("error")  # no "mean of empty slice" / invalid-value warnings
+        assert acc(R) == pytest.approx((0.70 + 0.75 + 0.60) / 3)  # the final row is defined
+        assert bwt(R) == pytest.approx(((0.70 - 0.90) + (0.75 - 0.80)) / 2)  # R[1, 1] is defined
+        assert forgetting_measure(R) == pytest.approx(((0.90 - 0.70) + (0.80 - 0.75)) / 2)
+        assert math.isnan(relative_forgetting(R))  # uses R[0, 1] as a reference for task 1
+        assert undefined_tasks(R) == [1]
+        R[2, 2] = np.nan  # the last task's final value: ACC is undefined, BWT/FM do not use it
+        assert math.isnan(acc(R)) and not math.isnan(bwt(R)) and undefined_tasks(R) == [1, 2]
+        R[2, 0] = np.nan
+        assert all(math.isnan(v) for v in summarize(R).values())
         all_nan = np.full((2, 2), np.nan)
         assert all(math.isnan(v) for v in summarize(all_nan).values())
 
@@ -130,11 +136,12 @@ def test_extra_steps_after_last_task_use_last_row_as_final() -> None:
 
 
 def test_summarize_joint() -> None:
-    for row in (np.array([0.9, 0.8, np.nan]), np.array([[0.9, 0.8, np.nan]])):
+    for row in (np.array([0.9, 0.8, 0.7]), np.array([[0.9, 0.8, 0.7]])):
         result = summarize_joint(row)
-        assert result["acc"] == pytest.approx(0.85)
+        assert result["acc"] == pytest.approx(0.8)
         assert set(result) == {"acc", "bwt", "fm", "relative_forgetting"}
         assert math.isnan(result["bwt"]) and math.isnan(result["fm"]) and math.isnan(result["relative_forgetting"])
+    assert math.isnan(summarize_joint(np.array([0.9, 0.8, np.nan]))["acc"])  # never the mean of 2 of 3 tasks
     with pytest.raises(ValueError, match="R_row"):
         summarize_joint(np.ones((2, 3)))
 
@@ -201,21 +208,24 @@ def test_relative_forgetting_is_relative_not_absolute() -> None:
 def test_relative_forgetting_zero_and_nan_references() -> None:
     R = np.array(
         [
-            [0.0, 0.0, np.nan, 0.3],
-            [0.5, 0.0, np.nan, 0.3],
-            [0.4, 0.0, np.nan, 0.3],
-            [0.2, 0.1, 0.7, np.nan],
+            [0.0, 0.0, 0.2, 0.3],
+            [0.5, 0.0, 0.2, 0.3],
+            [0.4, 0.0, 0.2, 0.3],
+            [0.2, 0.1, 0.7, 0.3],
         ]
     )
     # F = 3, j in 0..2:
     #   j=0: refs 0.0 (skipped: -inf in the code), 0.5, 0.4 -> max(0, 1 - 0.2/0.5, 1 - 0.2/0.4) = 0.6
     #   j=1: every ref is 0 -> no ratio above the start 0 -> 0 (as the code)
-    #   j=2: every ref NaN -> undefined, dropped
-    # RF = (0.6 + 0) / 2
+    #   j=2: refs 0.2 -> 1 - 0.7/0.2 < 0 -> 0
+    # RF = (0.6 + 0 + 0) / 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no divide-by-zero / empty-slice warnings
-        assert relative_forgetting(R) == pytest.approx(0.3)
-        # A NaN final value drops the task; no defined term at all -> NaN.
+        assert relative_forgetting(R) == pytest.approx(0.2)
+        # A NaN reference or final value makes RF undefined (the code's max(0.0, nan) would
+        # count that task as "not forgotten").
+        R[1, 2] = np.nan
+        assert math.isnan(relative_forgetting(R))
         assert math.isnan(relative_forgetting(np.array([[0.5, 0.1], [np.nan, 0.9]])))
 
 

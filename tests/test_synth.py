@@ -176,7 +176,7 @@ def test_categories_differ_from_each_other() -> None:
 
 def test_existing_category_replaced_only_by_a_complete_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     counts = dict(size=32, n_train=2, n_test_good=1, n_test_per_defect=1)
-    synth.generate(tmp_path, ["wood"], seed=0, **counts)
+    synth.synthesize(tmp_path, ["wood"], seed=0, **counts)  # claims the empty folder: wood is clbench's
     before = _tree(tmp_path)
     calls = {"n": 0}
     real_save = synth._save_png
@@ -194,7 +194,7 @@ def test_existing_category_replaced_only_by_a_complete_one(tmp_path: Path, monke
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
         synth.generate(tmp_path, ["tile"], seed=0, **counts)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["wood"]  # no half-written tile
+    assert sorted(p.name for p in tmp_path.iterdir()) == [synth.MARKER, "wood"]  # no half-written tile
     monkeypatch.setattr(synth, "_save_png", real_save)
     synth.generate(tmp_path, ["wood"], seed=1, **counts)
     after = _tree(tmp_path)
@@ -205,10 +205,14 @@ def test_stale_staging_of_dead_runs_is_removed(tmp_path: Path) -> None:
     dead_pid = 2**22 + 12345  # above Linux's pid_max: no such process
     stale = tmp_path / f".synth-wood-{dead_pid}-abc_12"
     (stale / "wood" / "train" / "good").mkdir(parents=True)
+    (stale / synth.STAGING_MARKER).touch()  # what clbench writes first into each staging folder
+    look_alike = tmp_path / f".synth-wood-{dead_pid}-users_own"  # same name pattern, not clbench's: kept
+    look_alike.mkdir()
     live = tmp_path / f".synth-tile-{os.getpid()}-xyz"
     live.mkdir()
+    (live / synth.STAGING_MARKER).touch()
     synth.generate(tmp_path, ["dots"], size=32, n_train=1, n_test_good=1, n_test_per_defect=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "dots"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, look_alike.name, "dots"]
 
 
 def test_zero_test_counts_write_no_empty_folders(tmp_path: Path) -> None:
