@@ -121,23 +121,38 @@ def _learned_step(metrics: pd.DataFrame) -> dict[str, int]:
 # --------------------------------------------------------------------------
 # titles
 # --------------------------------------------------------------------------
+def _read_mapping(path: Path, parse) -> dict[str, Any]:
+    """A mapping from ``path`` via ``parse``; {} if missing, and {} with a warning if unreadable
+    (a title is never worth failing a plot over)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        warnings.warn(f"{path}: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                      "the titles show '?'", stacklevel=3)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_title_info(run_dir: str | Path) -> dict[str, Any]:
-    """Collect title fields from config.yaml / env.json; missing files give '?' rather than fail."""
+    """Collect title fields from config.yaml / env.json; missing or unreadable files give '?' rather than fail."""
     run_dir = Path(run_dir)
-    config: dict[str, Any] = {}
-    env: dict[str, Any] = {}
-    if (run_dir / "config.yaml").is_file():
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    if (run_dir / "env.json").is_file():
-        env = json.loads((run_dir / "env.json").read_text()) or {}
-    weights = env.get("weights") or {}
+    config = _read_mapping(run_dir / "config.yaml", yaml.safe_load)
+    env = _read_mapping(run_dir / "env.json", json.loads)
+    weights = env.get("weights") if isinstance(env.get("weights"), dict) else {}
+    try:
+        replay = int(config.get("replay_size") or 0)
+    except (TypeError, ValueError):
+        replay = 0
+    tasks = config.get("tasks")
     return {
         "method": config.get("method", "?"),
         "strategy": config.get("strategy", "?"),
         "backbone": config.get("backbone", "?"),
         "pretrained": weights.get("pretrained"),
-        "replay_size": int(config.get("replay_size") or 0),
-        "tasks": list(config.get("tasks") or []),
+        "replay_size": replay,
+        "tasks": list(tasks) if isinstance(tasks, list) else [],
         "run": run_dir.name,
     }
 
@@ -343,6 +358,33 @@ def plot_memory(memory: pd.DataFrame, out_path: str | Path, *, title_info: dict[
 # --------------------------------------------------------------------------
 # whole run
 # --------------------------------------------------------------------------
+METRICS_COLUMNS = ("step", "trained_task", "eval_task", "metric", "value")
+MEMORY_COLUMNS = ("step", "trained_task", "component", "bytes")
+
+
+def read_run_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """A CSV a run wrote, or one ValueError naming the file: unreadable, not the expected columns,
+    or steps that are not whole numbers. A last row cut mid-line (a damaged copy) is dropped, with
+    a warning."""
+    try:
+        raw = path.read_bytes()
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty") from None
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: unreadable ({reason})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: no column '{missing[0]}' (not a clbench {path.name})")
+    if raw and not raw.endswith(b"\n") and len(frame):
+        warnings.warn(f"{path}: ends in the middle of a row (truncated); that row is left out", stacklevel=3)
+        frame = frame.iloc[:-1]
+    if pd.to_numeric(frame["step"], errors="coerce").isna().any():
+        raise ValueError(f"{path}: a step that is not a number")
+    return frame
+
+
 def _safe_name(metric: str) -> str:
     """File-name-safe version of a metric name."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in metric)
@@ -361,7 +403,7 @@ def plot_run(run_dir: str | Path, metrics: Sequence[str] = ("pixel_auroc",)) -> 
         raise FileNotFoundError(f"metrics.csv not found: {metrics_path}")
     if isinstance(metrics, str):  # plot_run(d, "pixel_aupro") would otherwise iterate characters
         metrics = (metrics,)
-    frame = pd.read_csv(metrics_path)
+    frame = read_run_csv(metrics_path, METRICS_COLUMNS)
     info = read_title_info(run_dir)
     out_dir = run_dir / "plots"
     written: list[Path] = []
@@ -375,7 +417,11 @@ def plot_run(run_dir: str | Path, metrics: Sequence[str] = ("pixel_auroc",)) -> 
         written.append(plot_forgetting_curves(frame, out_dir / f"forgetting_{name}.png", metric=metric, title_info=info))
     memory_path = run_dir / "memory.csv"
     if memory_path.is_file():
-        memory = pd.read_csv(memory_path)
+        try:
+            memory = read_run_csv(memory_path, MEMORY_COLUMNS)
+        except ValueError as err:
+            warnings.warn(f"{err}; skipping the memory plot", stacklevel=2)
+            memory = pd.DataFrame()
         if not memory.empty:
             written.append(plot_memory(memory, out_dir / "memory.png", title_info=info))
     else:

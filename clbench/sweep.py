@@ -20,24 +20,34 @@ the cells; ``status.json`` the last outcome of each cell; ``logs/<cell>.log`` ea
 
 Re-running a sweep skips finished cells (``summary.json`` with ``complete: true``) and resumes cells
 that were started and killed. Every cell's config is validated before anything runs. A failing
-cell is reported with its one-line error and does not stop the others.
+cell is reported with its one-line error and does not stop the others; a full disk stops the sweep
+from starting more cells (each would fail the same way). A cell whose run folder is locked by
+another live process (``clbench.locks``: a second sweep, an orphan of a killed one) is reported as
+running elsewhere and skipped, never started twice. A spec that expands to more than ``MAX_CELLS``
+cells is refused unless ``--max-cells`` allows it (counted before any cell is built).
 
 Executors sit behind one seam, ``Executor.map(fn, cells) -> iterator of CellResult`` (in
 completion order): ``serial`` (in this process), ``local`` (a process pool, one fresh process per
-cell) and ``ray`` (Ray tasks, local or on a cluster).
+cell) and ``ray`` (Ray tasks, local or on a cluster). Pool workers die with the sweep process
+(``PR_SET_PDEATHSIG`` on Linux, a watchdog thread elsewhere): a killed sweep leaves no orphan
+running a cell, and the cell resumes on the next run.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sys
+import signal
 import textwrap
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -48,6 +58,7 @@ import yaml
 
 from clbench import atomic
 from clbench.config import ConfigError, RunConfig, from_mapping
+from clbench.locks import FolderLocked, holder_pid, lock_path, run_lock
 
 log = logging.getLogger("clbench.sweep")
 
@@ -57,6 +68,7 @@ RUNS = "runs"
 LOGS = "logs"
 SWEEP_FILE = "sweep.yaml"
 STATUS_FILE = "status.json"
+SWEEP_ENTRIES = (RUNS, LOGS, SWEEP_FILE, STATUS_FILE, "report")  # what a sweep folder holds
 EXECUTORS = ("local", "serial", "ray")
 SET_BY_SWEEP = ("name", "output_dir")  # RunConfig keys the sweep sets per cell
 # Grid keys whose value alone reads well in a cell name ("shuffle", "wide_resnet50_2").
@@ -64,6 +76,9 @@ VALUE_ONLY = ("task_order", "backbone")
 _RUN_DEFAULTS = RunConfig().to_dict()
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 MAX_NAME = 120
+MAX_CELLS = 1000  # a larger spec is most likely a mistake (a list where a value was meant): --max-cells
+SWEEP_FORMAT = 1  # layout of sweep.yaml / run folders this clbench writes (read back by the report)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,13 +119,26 @@ class Cell:
 @dataclass
 class CellResult:
     name: str
-    status: str  # ran | resumed | skipped | failed
+    status: str  # ran | resumed | skipped | failed | busy (its folder is locked by another live process)
     seconds: float = 0.0
     error: str | None = None  # one line
+    errno: int | None = None  # of an OSError that failed the cell (a full disk stops the sweep)
 
     @property
     def failed(self) -> bool:
         return self.status == "failed"
+
+    @property
+    def complete(self) -> bool:
+        return self.status in ("ran", "resumed", "skipped")
+
+    @property
+    def busy(self) -> bool:
+        return self.status == "busy"
+
+
+def running_elsewhere(pid: int | None) -> str:
+    return f"running elsewhere (pid {pid if pid is not None else 'unknown'})"
 
 
 def one_line(err: BaseException | str) -> str:
@@ -265,12 +293,34 @@ def _absolute_paths(config: dict[str, Any]) -> None:
         config["weights"] = str(Path(weights).expanduser().resolve())
 
 
-def expand(spec: SweepSpec, *, check: bool = True) -> list[Cell]:
+def count_cells(spec: SweepSpec) -> int:
+    """How many cells the grids give at most (before removing runs listed twice), without building any."""
+    return sum(math.prod(len(values) for values in grid.values()) for grid in spec.grids)
+
+
+def check_cell_count(spec: SweepSpec, max_cells: int | None = MAX_CELLS) -> int:
+    """Refuse a spec larger than ``max_cells`` before expanding it (10^6 cells would take minutes
+    and gigabytes just to list); ``None`` means no limit."""
+    if max_cells is not None and max_cells < 1:
+        raise ConfigError(f"--max-cells must be at least 1, got {max_cells}")
+    total = count_cells(spec)
+    if max_cells is not None and total > max_cells:
+        sizes = " + ".join(" x ".join(str(len(v)) for v in g.values()) for g in spec.grids)
+        raise ConfigError(f"{spec.source}: the grid expands to {total} cells ({sizes}), more than the limit of "
+                          f"{max_cells}; check the grid, or pass --max-cells {total} to run them all")
+    return total
+
+
+def expand(spec: SweepSpec, *, check: bool = True, max_cells: int | None = MAX_CELLS) -> list[Cell]:
     """All cells of the spec, in grid order; names unique. With ``check``, each cell's config is
     validated (RunConfig keys and values, method, method_params, strategy, strategy_params), so a
-    typo stops the sweep before anything runs, with one line naming the key and the cell."""
+    typo stops the sweep before anything runs, with one line naming the key and the cell.
+
+    Names are unique ignoring case too: on a case-insensitive file system (macOS, Windows)
+    ``tasks_Alpha`` and ``tasks_alpha`` would be one run folder."""
     import itertools
 
+    check_cell_count(spec, max_cells)
     sweep_dir = Path(spec.output_dir).expanduser().resolve() / spec.name
     keys = list(dict.fromkeys(k for g in spec.grids for k in g))
     abbreviations = _abbreviations(keys)
@@ -291,19 +341,28 @@ def expand(spec: SweepSpec, *, check: bool = True) -> list[Cell]:
                 set_dotted(config, key, value, where)
             _absolute_paths(config)
             name = cell_name(params, config, abbreviations)
-            if name in seen:
-                if seen[name].config == {**config, "output_dir": seen[name].config["output_dir"], "name": name}:
-                    continue  # the same run listed by two grids
-                name = f"{name}-{_digest(params)}"
+            other = seen.get(name.casefold())
+            if other is not None:
+                if other.config == {**config, "output_dir": other.config["output_dir"], "name": other.name}:
+                    continue  # the same run listed twice (two grids, or a value repeated in a list)
+                name = _unique_name(f"{name}-{_digest(params)}", seen)
             config["output_dir"] = str(sweep_dir / RUNS)
             config["name"] = name
             cell = Cell(name=name, params=params, config=config, sweep_dir=str(sweep_dir))
-            seen[name] = cell
+            seen[name.casefold()] = cell
             cells.append(cell)
     if check:
         for cell in cells:
             validate_cell(cell, spec.source)
     return cells
+
+
+def _unique_name(name: str, seen: Mapping[str, Cell]) -> str:
+    """``name``, or ``name-2``, ``name-3``, ...: the first that no cell has (ignoring case)."""
+    candidate, k = name, 2
+    while candidate.casefold() in seen:
+        candidate, k = f"{name}-{k}", k + 1
+    return candidate
 
 
 def validate_cell(cell: Cell, source: str = "sweep") -> RunConfig:
@@ -372,35 +431,66 @@ def stale_key(cell: Cell) -> str | None:
     return differs(saved, cell.config, "")
 
 
+def locked_by(run_dir: Path) -> int | None:
+    """The pid of another live process holding ``run_dir``'s lock (-1 if its pid is unreadable),
+    else None. Probes without creating anything: only a folder with a lock file can be held."""
+    if not lock_path(run_dir).is_file():
+        return None
+    try:
+        with run_lock(run_dir):
+            return None
+    except FolderLocked:
+        pid = holder_pid(run_dir)
+        return pid if pid is not None else -1
+    except OSError:  # unreadable folder: the cell itself will fail with one line
+        return None
+
+
 def run_cell(cell: Cell) -> CellResult:
-    """Run (or resume) one cell; never raises: a failure comes back as a result with one line.
-    Its log (and a failure's traceback) goes to ``<sweep>/logs/<cell>.log``."""
+    """Run (or resume) one cell under its run folder's lock; never raises: a failure comes back as a
+    result with one line, a folder another process holds as ``busy``. Its log (and a failure's
+    traceback) goes to ``<sweep>/logs/<cell>.log``."""
     start = time.perf_counter()
+    try:
+        with run_lock(cell.run_dir):  # is_complete / resume are decided under the lock
+            return _run_locked(cell, start)
+    except FolderLocked:
+        pid = holder_pid(cell.run_dir)
+        return CellResult(cell.name, "busy", error=running_elsewhere(pid))
+    except Exception as err:  # noqa: BLE001 - e.g. the runs folder cannot be created (full disk, permissions)
+        return CellResult(cell.name, "failed", time.perf_counter() - start, one_line(err), getattr(err, "errno", None))
+
+
+def _run_locked(cell: Cell, start: float) -> CellResult:
     if is_complete(cell.run_dir):
         return CellResult(cell.name, "skipped")
     resume = (cell.run_dir / "config.yaml").is_file()
-    cell.log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(cell.log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     logger = logging.getLogger("clbench")
     level = logger.level
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
+    handler: logging.Handler | None = None
     try:
+        cell.log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(cell.log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
         _apply_threads()  # in a pool / Ray worker: its share of the cores
         from clbench.runner import run_experiment
 
         logger.info("cell %s: %s", cell.name, "resuming" if resume else "starting")
         run_experiment(from_mapping(cell.config, f"cell {cell.name}"), resume=resume, progress=False)
         return CellResult(cell.name, "resumed" if resume else "ran", time.perf_counter() - start)
+    except FolderLocked:
+        raise  # the runner's own lock: another process got there first
     except Exception as err:  # noqa: BLE001 - a failed cell must not stop the others
         logger.error("cell %s failed:\n%s", cell.name, traceback.format_exc())
-        return CellResult(cell.name, "failed", time.perf_counter() - start, one_line(err))
+        return CellResult(cell.name, "failed", time.perf_counter() - start, one_line(err), getattr(err, "errno", None))
     finally:
-        logger.removeHandler(handler)
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()
         logger.setLevel(level)
-        handler.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,6 +527,48 @@ def _set_threads(threads: int) -> None:
         os.environ[var] = str(threads)
     if "torch" in sys.modules:
         _apply_threads()
+
+
+WATCHDOG_SECONDS = 0.5  # how often a worker checks that its parent is alive (where prctl is missing)
+PR_SET_PDEATHSIG = 1
+
+
+def _worker_init(threads: int, parent_pid: int) -> None:
+    """Pool-worker start-up: die with the sweep process, then take its share of the cores."""
+    _die_with_parent(parent_pid)
+    _set_threads(threads)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker exit when ``parent_pid`` dies, even by SIGKILL, so a killed sweep leaves no
+    orphan writing its cell (the cell resumes from its checkpoint on the next run).
+
+    Linux: the kernel sends SIGTERM on the parent's death (``PR_SET_PDEATHSIG``). Everywhere: a
+    daemon thread polls ``os.getppid()`` (an orphan is re-parented) as a fallback."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # no libc / no prctl: the watchdog still works
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        _terminate_self()
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="clbench-parent-watchdog", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(WATCHDOG_SECONDS)
+    _terminate_self()
+
+
+def _terminate_self() -> None:
+    """SIGTERM ourselves (what PR_SET_PDEATHSIG sends); exit hard if a handler swallowed it."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    os._exit(1)
 
 
 def _apply_threads() -> None:
@@ -485,7 +617,7 @@ class LocalExecutor:
         if sys.version_info >= (3, 11):
             kwargs["max_tasks_per_child"] = 1
         return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_set_threads, initargs=(self.threads,), **kwargs)
+                                   initializer=_worker_init, initargs=(self.threads, os.getpid()), **kwargs)
 
     def map(self, fn: CellFn, cells: Sequence[Cell]) -> Iterator[CellResult]:
         from concurrent.futures import as_completed
@@ -622,6 +754,8 @@ class SweepOutcome:
 def _write_sweep_file(spec: SweepSpec, cells: list[Cell], sweep_dir: Path) -> None:
     data = {
         "name": spec.name,
+        "format": SWEEP_FORMAT,
+        "clbench_version": _clbench_version(),
         "output_dir": str(sweep_dir.parent),
         "spec_file": spec.source,
         "base": spec.base,
@@ -636,6 +770,12 @@ def _write_sweep_file(spec: SweepSpec, cells: list[Cell], sweep_dir: Path) -> No
     atomic.write_yaml(sweep_dir / SWEEP_FILE, data)
 
 
+def _clbench_version() -> str:
+    from clbench import __version__
+
+    return __version__
+
+
 def _write_status(sweep_dir: Path, cells: list[Cell], results: Mapping[str, CellResult]) -> None:
     status = {}
     for cell in cells:
@@ -643,8 +783,9 @@ def _write_status(sweep_dir: Path, cells: list[Cell], results: Mapping[str, Cell
         if result is None:
             status[cell.name] = {"status": "pending"}
         else:
-            status[cell.name] = {"status": "complete" if result.status in ("ran", "resumed", "skipped") else result.status,
-                                 "last": result.status, "seconds": round(result.seconds, 2), "error": result.error}
+            state = "complete" if result.complete else ("running elsewhere" if result.busy else result.status)
+            status[cell.name] = {"status": state, "last": result.status, "seconds": round(result.seconds, 2),
+                                 "error": result.error}
     atomic.write_json(sweep_dir / STATUS_FILE, {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "cells": status})
 
 
@@ -671,27 +812,69 @@ def run_sweep(
     cell_fn: CellFn = run_cell,
     echo: Callable[[str], None] = print,
     cells: Sequence[Cell] | None = None,
+    max_cells: int | None = MAX_CELLS,
 ) -> SweepOutcome:
     """Validate every cell, write ``sweep.yaml``, skip finished cells, run/resume the rest.
 
     ``cells``: the spec's cells already expanded (and possibly adjusted, as ``clbench reproduce``
-    does); they are validated again here."""
+    does); they are validated again here. ``max_cells``: refuse a larger sweep (None: no limit)."""
     if not isinstance(spec, SweepSpec):
         spec = load_spec(spec, output_dir)
     elif output_dir is not None:
         spec = dataclasses.replace(spec, output_dir=output_dir)
     if cells is None:
-        cells = expand(spec)  # raises ConfigError (naming key and cell) before anything runs
+        cells = expand(spec, max_cells=max_cells)  # raises ConfigError (naming key and cell) before anything runs
     else:
         cells = list(cells)
+        if max_cells is not None and len(cells) > max_cells:
+            raise ConfigError(f"{spec.source}: {len(cells)} cells, more than the limit of {max_cells}; "
+                              f"pass --max-cells {len(cells)} to run them all")
         for cell in cells:
             validate_cell(cell, spec.source)
     runner = make_executor(executor, workers, ray_address) if isinstance(executor, str) else executor
     sweep_dir = Path(cells[0].sweep_dir)
+    if not _is_sweep_folder(sweep_dir):  # checked before the dry run too: it would refuse to run
+        what = "is a file" if not sweep_dir.is_dir() else "exists and is not a clbench sweep folder (no sweep.yaml)"
+        raise ConfigError(f"{sweep_dir}: {what}; choose another 'name' or --output")
     outcome = SweepOutcome(sweep_dir, cells)
+    todo = _plan(cells, outcome)
+    resume = sum((c.run_dir / "config.yaml").is_file() for c in todo)
+    busy = outcome.count("busy")
+    describe = getattr(runner, "describe", lambda: type(runner).__name__)()
+    echo(f"sweep {spec.name}: {len(cells)} cells in {sweep_dir} - {outcome.count('skipped')} finished, "
+         f"{resume} to resume, {len(todo) - resume} to run" + (f", {busy} running elsewhere" if busy else "")
+         + f"; {describe}")
+    if dry_run:
+        for cell in cells:
+            result = outcome.results.get(cell.name)
+            state = result.status if result else ("resume" if (cell.run_dir / "config.yaml").is_file() else "run")
+            echo(f"  {state:8s} {cell.name}" + (f": {result.error}" if result and result.busy else ""))
+        return outcome
 
+    if todo:
+        _prepare_datasets(todo)  # a missing data root is one line before the sweep folder is created
+    _open_sweep_dir(spec, cells, sweep_dir)
+    for result in outcome.results.values():
+        if result.failed:
+            echo(f"FAILED   {result.name}: {result.error}")
+        elif result.busy:
+            echo(f"SKIPPED  {result.name}: {result.error}")
+    status = _StatusWriter(sweep_dir, cells, echo)
+    status.write(outcome.results)
+    _run_cells(runner, cell_fn, todo, outcome, status, echo)
+    done = sum(r.complete for r in outcome.results.values())
+    busy = outcome.count("busy")
+    echo(f"sweep {spec.name}: {done} of {len(cells)} cells complete, {len(outcome.failed)} failed"
+         + (f", {busy} running elsewhere (skipped)" if busy else "")
+         + (f", {len(cells) - len(outcome.results)} not started" if len(outcome.results) < len(cells) else "")
+         + (f" -> clbench report {sweep_dir}" if done else ""))
+    return outcome
+
+
+def _plan(cells: Sequence[Cell], outcome: SweepOutcome) -> list[Cell]:
+    """The cells to run; finished ones are recorded as skipped (or failed: no longer the spec's),
+    ones locked by another live process as busy."""
     todo: list[Cell] = []
-    resume = 0
     for cell in cells:
         if is_complete(cell.run_dir):
             stale = stale_key(cell)
@@ -702,37 +885,92 @@ def run_sweep(
                           "delete that folder to run it again, or give the sweep a new name")
             else:
                 outcome.results[cell.name] = CellResult(cell.name, "skipped")
+            continue
+        pid = locked_by(cell.run_dir)
+        if pid is not None:
+            outcome.results[cell.name] = CellResult(cell.name, "busy", error=running_elsewhere(pid if pid > 0 else None))
         else:
             todo.append(cell)
-            resume += (cell.run_dir / "config.yaml").is_file()
-    describe = getattr(runner, "describe", lambda: type(runner).__name__)()
-    echo(f"sweep {spec.name}: {len(cells)} cells in {sweep_dir} - {outcome.count('skipped')} finished, "
-         f"{resume} to resume, {len(todo) - resume} to run; {describe}")
-    if dry_run:
-        for cell in cells:
-            state = outcome.results[cell.name].status if cell.name in outcome.results else (
-                "resume" if (cell.run_dir / "config.yaml").is_file() else "run")
-            echo(f"  {state:8s} {cell.name}")
-        return outcome
+    return todo
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write_sweep_file(spec, cells, sweep_dir)
-    for result in outcome.failed:
-        echo(f"FAILED   {result.name}: {result.error}")
-    _write_status(sweep_dir, cells, outcome.results)
-    if todo:
-        _prepare_datasets(todo)
-    for k, result in enumerate(runner.map(cell_fn, todo) if todo else (), start=1):
-        outcome.results[result.name] = result
-        _write_status(sweep_dir, cells, outcome.results)
-        if result.failed:
-            echo(f"[{k}/{len(todo)}] FAILED  {result.name}: {result.error}  (log: {sweep_dir / LOGS / (result.name + '.log')})")
-        else:
-            echo(f"[{k}/{len(todo)}] {result.status:7s} {result.name} ({result.seconds:.1f} s)")
-    done = sum(not r.failed for r in outcome.results.values())
-    echo(f"sweep {spec.name}: {done} of {len(cells)} cells complete, {len(outcome.failed)} failed"
-         + (f" -> clbench report {sweep_dir}" if done else ""))
-    return outcome
+
+def _is_sweep_folder(sweep_dir: Path) -> bool:
+    """Whether clbench may write ``sweep_dir``: missing, or holding only what a sweep writes, with
+    any ``sweep.yaml`` one of clbench's (never overwrite a user's file or fill a user's folder)."""
+    if not sweep_dir.exists():
+        return True
+    if not sweep_dir.is_dir():
+        return False
+    try:
+        names = {p.name for p in sweep_dir.iterdir()}
+    except OSError:  # unreadable: writing sweep.yaml will fail with one line naming why
+        return True
+    if SWEEP_FILE not in names:
+        return all(n in SWEEP_ENTRIES or (n.startswith(".") and n.endswith(".tmp")) for n in names)
+    try:
+        saved = yaml.safe_load((sweep_dir / SWEEP_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and isinstance(saved.get("cells"), list)
+
+
+def _open_sweep_dir(spec: SweepSpec, cells: list[Cell], sweep_dir: Path) -> None:
+    """Create the sweep folder and write ``sweep.yaml``; one line if it cannot be written
+    (permissions, full disk, a file where a folder should be)."""
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        _write_sweep_file(spec, cells, sweep_dir)
+    except OSError as err:
+        raise ConfigError(f"{sweep_dir}: cannot write the sweep folder ({err.strerror or err})") from None
+
+
+class _StatusWriter:
+    """Writes ``status.json`` after every cell; a failed write (full disk) is said once and does not
+    stop the sweep: the run folders are the record, status.json only a summary of them."""
+
+    def __init__(self, sweep_dir: Path, cells: list[Cell], echo: Callable[[str], None]) -> None:
+        self.sweep_dir, self.cells, self.echo = sweep_dir, cells, echo
+        self.warned = False
+
+    def write(self, results: Mapping[str, CellResult]) -> None:
+        try:
+            _write_status(self.sweep_dir, self.cells, results)
+        except OSError as err:
+            if not self.warned:
+                self.echo(f"warning: cannot write {self.sweep_dir / STATUS_FILE} ({err.strerror or err}); "
+                          "the cells' run folders still record their state")
+                self.warned = True
+
+
+def _disk_full(result: CellResult) -> bool:
+    text = result.error or ""
+    return result.errno in DISK_FULL or "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def _run_cells(runner: Executor, cell_fn: CellFn, todo: list[Cell], outcome: SweepOutcome, status: _StatusWriter,
+               echo: Callable[[str], None]) -> None:
+    """Run ``todo``, recording and printing each result; a full disk stops starting new cells."""
+    if not todo:
+        return
+    results = runner.map(cell_fn, todo)
+    try:
+        for k, result in enumerate(results, start=1):
+            outcome.results[result.name] = result
+            status.write(outcome.results)
+            if result.failed:
+                echo(f"[{k}/{len(todo)}] FAILED  {result.name}: {result.error}  (log: {outcome.sweep_dir / LOGS / (result.name + '.log')})")
+            elif result.busy:
+                echo(f"[{k}/{len(todo)}] SKIPPED {result.name}: {result.error}")
+            else:
+                echo(f"[{k}/{len(todo)}] {result.status:7s} {result.name} ({result.seconds:.1f} s)")
+            if _disk_full(result):
+                echo("stopping: the disk is full; no more cells are started (free space, then re-run the sweep: "
+                     "finished cells are kept, killed ones resume)")
+                break
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()  # a pool stops starting cells and waits for the running ones
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,7 +986,9 @@ SWEEP_EXAMPLES = textwrap.dedent(
       clbench report results/sweeps/replay-sweep                   # tables and plots over the cells
 
     Re-running a sweep runs only the cells that are missing or unfinished (killed cells resume
-    from their checkpoint). Exit status 1 if any cell failed.
+    from their checkpoint). A cell whose run folder another clbench process holds (a second
+    sweep, a run with the same folder) is skipped as "running elsewhere". A spec of more than
+    --max-cells cells is refused before anything is built. Exit status 1 if any cell failed.
     """
 )
 
@@ -769,12 +1009,14 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", dest="output_dir", help="overrides the spec's output_dir")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: start a local instance)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    p.add_argument("--max-cells", type=int, default=MAX_CELLS,
+                   help=f"refuse a spec that expands to more cells than this (default: {MAX_CELLS})")
     p.set_defaults(func=cmd_sweep)
     return p
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     outcome = run_sweep(args.spec, args.executor, workers=args.workers, output_dir=args.output_dir,
-                        ray_address=args.ray_address, dry_run=args.dry_run)
+                        ray_address=args.ray_address, dry_run=args.dry_run, max_cells=args.max_cells)
     return 1 if outcome.failed else 0
 
