@@ -3,7 +3,8 @@
 Weights (``weights`` in the config):
   ``none``      random init (seeded) — what tests, CI and the quickstart use here.
   ``imagenet``  ImageNet weights: loaded from the local cache if present, else downloaded.
-  ``<path>``    a local weights file (safetensors or torch checkpoint) for the same architecture.
+  ``<path>``    a local weights file (safetensors or torch state dict) for the same architecture: it
+                must hold every tensor of the requested feature layers by name and shape, else it is refused.
   ``auto``      a local file/cache hit -> pretrained, otherwise random init with one warning.
                 Decides from the file system only (milliseconds), never waits on download retries.
 
@@ -165,16 +166,86 @@ def create_feature_model(
     name = weights.resolved_name or model_name  # the tagged name: its pretrained cfg (URL, file, mean/std)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if weights.source == "none":
+        if weights.source in ("none", "file"):
             model = timm.create_model(name, pretrained=False, **kwargs)
-        elif weights.source in ("cache", "file"):
+        elif weights.source == "cache":
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=weights.file), **kwargs)
         else:
             model = timm.create_model(name, pretrained=True, **kwargs)
+    if weights.source == "file":
+        load_weights_file(model, weights.file, model_name)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # training checkpoints nest the weights
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The named tensors of a local weights file, or one ConfigError naming the file.
+
+    safetensors by suffix, anything else through ``torch.load(weights_only=True)`` (a file from
+    someone else cannot run code); a training checkpoint's ``{'state_dict': ...}`` wrapper and a
+    DataParallel ``module.`` prefix are unwrapped, as timm does."""
+    from clbench.config import ConfigError
+
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever a foreign file makes the readers raise is its fault
+        from clbench.runner import load_problem
+
+        reason = load_problem(err) if not isinstance(err, KeyError) else "not a torch file"
+        raise ConfigError(f"weights: {path}: not a weights file ({reason})") from None
+    if isinstance(state, dict):
+        wrapper = next((k for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
+        state = state[wrapper] if wrapper else state
+    tensors = {str(k).removeprefix("module."): v for k, v in state.items()
+               if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise ConfigError(f"weights: {path}: holds no named tensors (not a state dict)")
+    return tensors
+
+
+def _file_key(key: str, state: dict[str, torch.Tensor]) -> str | None:
+    """The file's name for a ``features_only`` model's tensor: the same name, or the full model's
+    name where timm flattened a Sequential (``blocks_1.0.conv`` is ``blocks.1.0.conv``)."""
+    if key in state:
+        return key
+    head, _, rest = key.partition(".")
+    for i, char in enumerate(head):
+        if char == "_" and f"{head[:i]}.{head[i + 1:]}.{rest}" in state:
+            return f"{head[:i]}.{head[i + 1:]}.{rest}"
+    return None
+
+
+def load_weights_file(model: nn.Module, path: str | Path, model_name: str) -> None:
+    """Load a local weights file into a ``features_only`` model, refusing (one ConfigError naming
+    the file) one that does not hold every tensor of the feature layers by name and shape: timm
+    loads such files non-strictly, so another model's state dict would leave the backbone random
+    while env.json says a file was used. Extra tensors (a classifier head, later stages) are fine."""
+    from clbench.config import ConfigError
+
+    state = read_weights_file(path)
+    wanted = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    matched, problems = {}, []
+    for key, tensor in wanted.items():
+        source = _file_key(key, state)
+        if source is not None and state[source].shape == tensor.shape:
+            matched[key] = state[source]
+        else:
+            problems.append(f"'{key}' missing" if source is None else
+                            f"'{key}' is {tuple(state[source].shape)} in the file, {tuple(tensor.shape)} in the model")
+    if problems:
+        raise ConfigError(f"weights: {path}: not weights for backbone '{model_name}': {len(problems)} of its "
+                          f"{len(wanted)} feature-layer tensors missing or of another shape ({problems[0]})")
+    model.load_state_dict(matched, strict=False)
 
 
 def trainable_feature_model(model_name: str, layers: Sequence[str | int], seed: int = 0) -> nn.Module:

@@ -57,6 +57,17 @@ def _parse_tasks(text: str | None) -> Any:
     return text
 
 
+SYNTHETIC_CHOICES = {"auto": "auto", "true": True, "false": False}
+
+
+def _synthetic_choice(text: str) -> bool | str:
+    """``--synthetic`` as the config key's value: the word ``auto``, or a boolean."""
+    try:
+        return SYNTHETIC_CHOICES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from auto, true, false)") from None
+
+
 def _add_run_parser(sub) -> None:
     p = sub.add_parser(
         "run",
@@ -84,6 +95,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--max-epochs", dest="max_epochs", type=int, help="cap trainable methods' epochs")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--data-root", dest="data_root", help="dataset in MVTec AD layout (default: built-in synthetic)")
+    p.add_argument("--synthetic", type=_synthetic_choice, metavar="{auto,true,false}",
+                   help="generate the built-in synthetic dataset: auto (only at the default data root), true (at "
+                        "--data-root if missing, empty or clbench's), false (never)")
     p.add_argument("--output", dest="output_dir", help="results folder (default: results)")
     p.add_argument("--name", help="run folder name")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method hyper-parameter (repeatable)")
@@ -102,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in ("method", "strategy", "task_order", "backbone", "weights", "image_size", "crop_size", "val_fraction",
                     "seed", "device", "data_root", "output_dir", "name", "epochs_scale", "max_epochs",
-                    "require_pretrained")
+                    "require_pretrained", "synthetic")
     }
     overrides["tasks"] = _parse_tasks(args.tasks)
     config = config_mod.load(args.config, overrides)
@@ -118,10 +132,10 @@ def _print_run(run_dir: Path) -> None:
 
     import pandas as pd
 
-    from clbench.plots import accuracy_matrix
+    from clbench.plots import METRICS_COLUMNS, accuracy_matrix, read_csv_texts
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"trained_task": str, "eval_task": str})  # '01' stays '01'
+    metrics = read_csv_texts(run_dir / "metrics.csv", METRICS_COLUMNS)  # '01' stays '01'
     print(f"\nrun: {run_dir}")
     print("pixel AUROC (rows: after training step; columns: evaluated task)")
     with pd.option_context("display.width", 200, "display.max_columns", 50):
@@ -203,9 +217,21 @@ def _flags_to_params(extra: list[str]) -> dict[str, Any]:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    """The written PNGs on stdout (one path a line, for scripts); warnings (a metric or memory.csv
+    missing, a truncated row) on stderr, one ``warning: ...`` line each like ``report``'s, not
+    Python's format with a source line."""
+    import warnings
+
     from clbench.plots import plot_run
 
-    for path in plot_run(args.run_dir, metrics=tuple(args.metric or ("pixel_auroc", "image_auroc"))):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            paths = plot_run(args.run_dir, metrics=tuple(args.metric or ("pixel_auroc", "image_auroc")))
+        finally:  # also the warnings that came before an error
+            for warning in caught:
+                print(f"warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+    for path in paths:
         print(path)
     return 0
 

@@ -40,7 +40,7 @@ class RunConfig:
     max_epochs: int | None = None  # caps trainable methods' epochs
     feature_cache_gb: float = 4.0  # RAM for cached frozen-backbone features; spills to disk beyond
     output_dir: str = "results"
-    name: str | None = None  # run folder name; default <method>-<strategy>-<backbone>-seed<seed>
+    name: str | None = None  # run folder name; default <method>-<strategy>-<backbone>-seed<seed> (runner.default_run_name)
     paper_profile: dict[str, Any] | None = None  # set by `clbench reproduce`: {name, differences} (recorded in env.json)
 
     @property
@@ -50,17 +50,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @property
-    def run_name(self) -> str:
-        if self.name:
-            return self.name
-        backbone = self.backbone or self.method_params.get("backbone") or "default"
-        return f"{self.method}-{self.strategy}-{backbone}-seed{self.seed}"
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -187,6 +187,14 @@ def to_rgb8(img: Image.Image, path: Path | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
+def load_rgb8(path: Path, size: int) -> np.ndarray:
+    """An image file as uint8 RGB (size, size, 3), bilinear: the dataset's decoding for images from
+    outside a dataset too (DTD, ImageNet folders), so 16-bit files are scaled, not clipped to white,
+    and a decompression bomb or an unreadable file is one DatasetError naming it."""
+    with open_image(path) as img:
+        return np.asarray(to_rgb8(img, path).resize((size, size), Image.Resampling.BILINEAR))
+
+
 def mask_pixels(img: Image.Image) -> np.ndarray:
     """Defect pixels of a mask (bool HxW): every non-zero value, whatever the convention (MVTec's
     0/255, VisA's 0/1, 16-bit, a 1-bit image); in colour or palette masks any non-black colour."""
@@ -357,8 +365,7 @@ class ImageStore:
     def image(self, sample: Sample) -> torch.Tensor:
         cached = self._images.get(sample.key)
         if cached is None:
-            with open_image(sample.image) as img:
-                array = np.asarray(to_rgb8(img, sample.image).resize((self.size, self.size), Image.Resampling.BILINEAR))
+            array = load_rgb8(sample.image, self.size)
             cached = torch.from_numpy(self._crop(array).copy()).permute(2, 0, 1).contiguous()
             self._images[sample.key] = cached
         return cached

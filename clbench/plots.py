@@ -152,7 +152,7 @@ def read_title_info(run_dir: str | Path) -> dict[str, Any]:
         "backbone": config.get("backbone", "?"),
         "pretrained": weights.get("pretrained"),
         "replay_size": replay,
-        "tasks": list(tasks) if isinstance(tasks, list) else [],
+        "tasks": [str(t) for t in tasks] if isinstance(tasks, list) else [],
         "run": run_dir.name,
     }
 
@@ -360,6 +360,16 @@ def plot_memory(memory: pd.DataFrame, out_path: str | Path, *, title_info: dict[
 # --------------------------------------------------------------------------
 METRICS_COLUMNS = ("step", "trained_task", "eval_task", "metric", "value")
 MEMORY_COLUMNS = ("step", "trained_task", "component", "bytes")
+TEXT_COLUMNS = ("trained_task", "eval_task", "metric", "component")  # names stay text: '01' is not 1
+NAN_TEXT = ["", "nan", "NaN"]
+
+
+def read_csv_texts(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
+    """``pd.read_csv`` with the name columns kept as text, exactly as written: categories named
+    ``01``/``02`` (BTAD) stay strings, and a category named ``NA`` is not a missing value."""
+    text = {c: str for c in columns if c in TEXT_COLUMNS}
+    return pd.read_csv(path, dtype=text, keep_default_na=False,
+                       na_values={c: NAN_TEXT for c in columns if c not in text})
 
 
 def read_run_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
@@ -368,7 +378,7 @@ def read_run_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     a warning."""
     try:
         raw = path.read_bytes()
-        frame = pd.read_csv(path)
+        frame = read_csv_texts(path, columns)
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path}: empty") from None
     except (OSError, ValueError, UnicodeDecodeError) as err:

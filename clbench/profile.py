@@ -314,17 +314,19 @@ def plan(
         if key not in applied:
             raise ConfigError(f"--set {key}: no cell of profile {profile.name} takes it")
 
-    from clbench.data import DatasetError, list_categories
+    from clbench.data import DatasetError, RootScan, scan_root
     from clbench.runner import check_pretrained
     from clbench.tasks import resolve_tasks
 
-    categories: dict[str, list[str]] = {}
+    scans: dict[str, RootScan] = {}
     for cell in cells:
         config = validate_cell(cell, profile.path)
         try:
-            if config.data_root not in categories:
-                categories[config.data_root] = list_categories(config.data_root)
-            tasks[cell.name] = resolve_tasks(config.tasks, categories[config.data_root], config.task_order, config.seed)
+            if config.data_root not in scans:
+                scans[config.data_root] = scan_root(config.data_root)
+            scan = scans[config.data_root]
+            tasks[cell.name] = resolve_tasks(config.tasks, scan.categories, config.task_order, config.seed,
+                                             root=config.data_root, incomplete=scan.incomplete)
         except (DatasetError, ValueError) as err:
             raise ConfigError(f"--data-root: {err}") from None
         if config.require_pretrained:

@@ -438,8 +438,10 @@ def _started_rows(cell: CellInfo) -> "pd.DataFrame | None":
         return cell.metrics.copy()
     if cell.status == "damaged":
         return None
+    from clbench.plots import read_csv_texts
+
     try:
-        frame = pd.read_csv(cell.run_dir / "metrics.csv")
+        frame = read_csv_texts(cell.run_dir / "metrics.csv", METRICS_COLUMNS)
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return frame if all(c in frame.columns for c in METRICS_COLUMNS) else None

@@ -50,7 +50,9 @@ WEIGHT_WORDS = tuple(WEIGHT_CHOICES)
 SUMMARY_STATS = ("acc", "bwt", "fm", "relative_forgetting")
 WRITTEN_FOLDERS = ("plots", "feature_cache")  # folders a run writes into inside its run folder
 # Keys that may differ between a run and its resume (where and how fast, not what is computed).
-RESUME_FREE_KEYS = ("device", "feature_cache_gb", "output_dir", "eval_batch_size", "name")
+# ``synthetic`` only says whether data may be generated (runs before auto|true|false saved true);
+# the dataset fingerprint checked at resume is what keeps a resume on the run's data.
+RESUME_FREE_KEYS = ("device", "feature_cache_gb", "output_dir", "eval_batch_size", "name", "synthetic")
 
 
 def resolve_device(name: str) -> torch.device:

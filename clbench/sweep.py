@@ -58,7 +58,7 @@ import yaml
 
 from clbench import atomic
 from clbench.config import ConfigError, RunConfig, from_mapping
-from clbench.locks import FolderLocked, holder_pid, lock_path, run_lock
+from clbench.locks import FolderLocked, holder_pid, locked_by, run_lock
 
 log = logging.getLogger("clbench.sweep")
 
@@ -431,21 +431,6 @@ def stale_key(cell: Cell) -> str | None:
     return differs(saved, cell.config, "")
 
 
-def locked_by(run_dir: Path) -> int | None:
-    """The pid of another live process holding ``run_dir``'s lock (-1 if its pid is unreadable),
-    else None. Probes without creating anything: only a folder with a lock file can be held."""
-    if not lock_path(run_dir).is_file():
-        return None
-    try:
-        with run_lock(run_dir):
-            return None
-    except FolderLocked:
-        pid = holder_pid(run_dir)
-        return pid if pid is not None else -1
-    except OSError:  # unreadable folder: the cell itself will fail with one line
-        return None
-
-
 def run_cell(cell: Cell) -> CellResult:
     """Run (or resume) one cell under its run folder's lock; never raises: a failure comes back as a
     result with one line, a folder another process holds as ``busy``. Its log (and a failure's
@@ -789,16 +774,37 @@ def _write_status(sweep_dir: Path, cells: list[Cell], results: Mapping[str, Cell
     atomic.write_json(sweep_dir / STATUS_FILE, {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "cells": status})
 
 
+def _dataset_key(config: RunConfig) -> tuple:
+    """What decides what ``ensure_dataset`` generates and checks at a root: cells that differ in
+    any of it (e.g. 2 and 4 tasks on one synthetic root) each need their own preparation."""
+    return (os.path.abspath(config.data_root), config.synthetic, repr(config.tasks), config.synthetic_categories)
+
+
 def _prepare_datasets(cells: Sequence[Cell]) -> None:
-    """Generate missing synthetic datasets once, here, before workers start (not in parallel)."""
+    """Generate missing synthetic data here, before workers start: each worker would otherwise
+    generate (in parallel, into one folder) the categories its own task spec needs.
+
+    The first cell on a root checks the root: its error stops the sweep before the sweep folder
+    exists. A later cell's task spec that does not resolve there is that cell's own failure (it
+    fails with the same line when it runs; nothing was generated for it), not the sweep's."""
+    from clbench.data import DatasetError
     from clbench.runner import ensure_dataset
 
-    seen = set()
+    seen: set[tuple] = set()
+    roots: set[str] = set()
     for cell in cells:
         config = from_mapping(cell.config)
-        if config.data_root not in seen:
-            seen.add(config.data_root)
+        key = _dataset_key(config)
+        if key in seen:
+            continue
+        seen.add(key)
+        first_on_root = key[0] not in roots
+        roots.add(key[0])
+        try:
             ensure_dataset(config)
+        except ValueError as err:
+            if first_on_root or isinstance(err, DatasetError):
+                raise
 
 
 def run_sweep(

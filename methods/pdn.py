@@ -266,9 +266,7 @@ def cache_file_for(provenance: dict[str, Any], cache_dir: str | Path | None = No
 
 def load_images(folder: str | Path, image_size: int, max_images: int | None = None, seed: int = 0) -> torch.Tensor:
     """Every image under ``folder`` (recursive, sorted; a seeded subset of ``max_images``) as uint8 (N, 3, S, S)."""
-    from PIL import Image
-
-    from clbench.data import IMAGE_EXTENSIONS
+    from clbench.data import IMAGE_EXTENSIONS, load_rgb8
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -281,9 +279,7 @@ def load_images(folder: str | Path, image_size: int, max_images: int | None = No
         files = [files[i] for i in sorted(rows)]
     out = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
     for i, path in enumerate(files):
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-            out[i] = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        out[i] = torch.from_numpy(load_rgb8(path, image_size).copy()).permute(2, 0, 1)
     return out
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from clbench.data import IMAGE_EXTENSIONS, normalize
+from clbench.data import IMAGE_EXTENSIONS, load_rgb8, normalize
 
 GRAYSCALE_P = 0.3
 LUMA = (0.299, 0.587, 0.114)
@@ -148,9 +148,7 @@ def folder_images(folder: str | Path, n: int, size: int, seed: int = 0) -> torch
     out = torch.empty(len(rows), 3, size, size, dtype=torch.uint8)
     start = size // 2
     for i, row in enumerate(sorted(rows)):
-        with Image.open(files[row]) as img:
-            img = img.convert("RGB").resize((2 * size, 2 * size), Image.Resampling.BILINEAR)
-            crop = np.asarray(img)[start:start + size, start:start + size]
+        crop = load_rgb8(files[row], 2 * size)[start:start + size, start:start + size]
         out[i] = torch.from_numpy(crop.copy()).permute(2, 0, 1)
     return out
 

@@ -40,7 +40,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+from clbench.data import load_rgb8
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 DRAEM_MAX_SCALE = 5  # 2^5 lattice cells at 256 px (DRAEM: torch.randint(0, 6), exclusive bound)
@@ -343,9 +344,7 @@ class AnomalySource:
     def _image(self, index: int) -> torch.Tensor:
         cached = self._cache.get(index)
         if cached is None:
-            with Image.open(self.paths[index]) as img:
-                img = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
-                cached = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+            cached = torch.from_numpy(load_rgb8(self.paths[index], self.size).copy()).permute(2, 0, 1).contiguous()
             self._cache[index] = cached
         return cached
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clbench.backbones import FeatureCache, FrozenBackbone, create_feature_model, feature_info, resolve_weights
+from clbench.config import ConfigError
 from clbench.data import Batch
 
 
@@ -117,6 +118,46 @@ def test_local_file_weights_are_loaded(tmp_path: Path) -> None:
     random = create_feature_model("resnet18", ["layer1"], resolve_weights("resnet18", "none"), seed=0)
     assert not torch.equal(random.conv1.weight, reference.conv1.weight)
     assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_weights_file_of_another_model_is_refused(tmp_path: Path) -> None:
+    """timm loads a features_only model's file non-strictly: another model's state dict used to leave
+    the backbone random (or fail with a paragraph) while env.json said a file was used."""
+    import timm
+
+    resnet18 = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), resnet18)
+    with pytest.raises(ConfigError, match=r"resnet18\.pth: not weights for backbone 'wide_resnet50_2'.*layer1") as err:
+        create_feature_model("wide_resnet50_2", ["layer1", "layer2"], resolve_weights("wide_resnet50_2", str(resnet18)))
+    assert "\n" not in str(err.value)
+    foreign = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(3, 3)}, foreign)  # no shared names: loaded silently before
+    with pytest.raises(ConfigError, match=r"other\.pth: .*'conv1\.weight' missing"):
+        create_feature_model("resnet18", ["layer1"], resolve_weights("resnet18", str(foreign)))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("not a torch file")
+    with pytest.raises(ConfigError, match=r"garbage\.pth: not a weights file"):
+        create_feature_model("resnet18", ["layer1"], resolve_weights("resnet18", str(garbage)))
+
+
+def test_matching_weights_file_loads_every_feature_tensor(tmp_path: Path) -> None:
+    """A file saved from a timm model of the same architecture (safetensors, or a training
+    checkpoint's wrapper with DataParallel names; a classifier head is extra) gives its weights."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    reference = timm.create_model("resnet18").state_dict()
+    safetensors_file = tmp_path / "r18.safetensors"
+    save_file(reference, safetensors_file)
+    wrapped = tmp_path / "r18-checkpoint.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in reference.items()}}, wrapped)
+    for path in (safetensors_file, wrapped):
+        model = create_feature_model("resnet18", ["layer1", "layer2"], resolve_weights("resnet18", str(path)), seed=0)
+        loaded = model.state_dict()
+        assert "fc.weight" not in loaded and "layer2.0.conv1.weight" in loaded
+        for key, tensor in loaded.items():
+            assert torch.equal(tensor, reference[key]), key
 
 
 def test_bad_weights_and_layers() -> None:

@@ -1,7 +1,10 @@
-"""The CLI's data, memory and methods commands."""
+"""The CLI: data, memory, methods and reproduce commands, run flags, and plot's warnings."""
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
+import yaml
 
 from clbench.cli import main
 
@@ -44,3 +47,33 @@ def test_reproduce_names_an_unknown_profile(capsys) -> None:
     assert main(["reproduce", "nosuch", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "clbench: error: profile: unknown profile 'nosuch' (available: clad)"
+
+
+def test_run_synthetic_flag_sets_the_config_key(tmp_path: Path, capsys) -> None:
+    """``--synthetic true`` generates at a new --data-root (without it: 'not found'); a bad value is
+    argparse's one line naming it."""
+    root, out = tmp_path / "new-root", tmp_path / "out"
+    run = ["run", "--method", "padim", "--tasks", "1", "--image-size", "32", "--weights", "none", "--device", "cpu",
+           "--no-progress", "--param", "n_features=8", "--data-root", str(root), "--output", str(out)]
+    assert main([*run, "--synthetic", "false"]) == 2
+    assert "not found" in capsys.readouterr().err and not root.exists()
+    assert main([*run, "--synthetic", "true"]) == 0
+    config = yaml.safe_load(next(out.glob("*/config.yaml")).read_text())
+    assert config["synthetic"] is True and len([p for p in root.iterdir() if (p / "train" / "good").is_dir()]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main([*run, "--synthetic", "maybe"])
+    assert exit_info.value.code == 2 and "--synthetic: invalid choice: 'maybe'" in capsys.readouterr().err
+
+
+def test_plot_prints_warnings_as_one_line_each(tmp_path: Path, capsys) -> None:
+    """`clbench plot` left warnings to Python's format (file:line: UserWarning + a source line)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,trained_task,eval_task,metric,value\n0,01,01,pixel_auroc,0.9\n"
+                                     "1,02,01,pixel_auroc,0.8\n1,02,02,pixel_auroc,0.7\n")
+    assert main(["plot", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"warning: 'image_auroc' not in {run / 'metrics.csv'}; skipping its plots",
+        f"warning: memory.csv not found: {run / 'memory.csv'}; skipping the memory plot"]
+    assert captured.out.splitlines() == [str(run / "plots" / f"{kind}_pixel_auroc.png") for kind in ("heatmap", "forgetting")]

@@ -118,6 +118,15 @@ def test_run_names_are_one_plain_folder_name() -> None:
         assert cfg.check_run_name(good) == good
 
 
+def test_the_run_folder_name_has_one_source() -> None:
+    """RunConfig.run_name/run_dir named folders '<backbone or default>' while the runner names them
+    from the method's resolved backbone: only the runner's name exists now."""
+    from clbench.runner import default_run_name
+
+    assert not hasattr(cfg.RunConfig, "run_name") and not hasattr(cfg.RunConfig, "run_dir")
+    assert default_run_name("padim", "sequential", "resnet18", 0) == "padim-sequential-resnet18-seed0"
+
+
 def test_device_must_be_auto_cpu_or_cuda_n() -> None:
     for bad in ("cuda:abc", "gpu", "cuda:", "cpu:0", "CUDA"):
         with pytest.raises(cfg.ConfigError, match="'device' must be auto, cpu, cuda or cuda:N"):

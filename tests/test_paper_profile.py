@@ -115,6 +115,17 @@ def test_a_missing_input_is_one_line_naming_flag_and_path(inputs, no_weight_cach
     assert len(err.splitlines()) == 1 and not out.exists()
 
 
+def test_a_category_missing_from_the_data_root_is_one_line_naming_the_root(inputs, no_weight_caches, tmp_path: Path,
+                                                                         capsys) -> None:
+    """The profile resolved its tasks without root=: the error did not say which folder lacks them."""
+    root = inputs["--data-root"]
+    (root / "screw" / "train" / "good").rmdir()  # a folder without train/good: not a category
+    assert main(argv(inputs, tmp_path / "out", "--dry-run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clbench: error: --data-root: ") and len(err.splitlines()) == 1
+    assert f"in {root}" in err and "screw" in err and "train/good" in err
+
+
 def test_an_input_not_given_names_its_flag_unless_its_methods_are_left_out(inputs, no_weight_caches, tmp_path: Path, capsys) -> None:
     assert main(argv(inputs, tmp_path / "out", "--dry-run", drop="--dtd")) == 2
     err = capsys.readouterr().err.strip()

@@ -219,3 +219,19 @@ def test_many_tasks_figure_grows(tmp_path: Path) -> None:
     with Image.open(small) as s, Image.open(big) as b:
         assert b.size[0] > s.size[0] and b.size[1] > s.size[1]
     _assert_png(curves)
+
+
+def test_plot_run_numeric_category_names(tmp_path: Path) -> None:
+    """Categories named like BTAD's ('01', '02') stay text: the run's own plots used to crash
+    with "object of type 'int' has no len()" at the end of the run."""
+    from conftest import engine_run, write_category
+
+    root = tmp_path / "data"
+    write_category(root, "01", size=32)
+    write_category(root, "02", size=32, seed=1)
+    run = engine_run("padim", "sequential", {}, root, tmp_path / "out", tasks=["01", "02"], image_size=32)
+    frame = plots.read_run_csv(run / "metrics.csv", plots.METRICS_COLUMNS)
+    assert set(frame["eval_task"]) == {"01", "02"}
+    assert list(plots.accuracy_matrix(frame).columns) == ["01", "02"]
+    for path in plots.plot_run(run, metrics=("pixel_auroc",)):
+        _assert_png(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -235,6 +236,39 @@ def test_D13_16_bit_grey_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert np.array_equal(decoded[..., 0], np.kron(expected, np.ones((16, 8), np.uint8)))
     assert np.array_equal(decoded[..., 0], decoded[..., 2])
     assert len(np.unique(decoded)) == len(np.unique(expected)) == 7  # not all white (65534 rounds to 255)
+
+
+def _outside_loaders():
+    """The image loaders outside the dataset (EfficientAD's distillation and penalty folders,
+    DRAEM's texture folder), each as folder -> uint8 (N, 3, 32, 32)."""
+    from methods.pdn import load_images
+    from methods.penalty import folder_images
+    from methods.perlin import AnomalySource
+
+    def textures(folder: Path):
+        source = AnomalySource(folder, 32)
+        return np.stack([source._image(i).numpy() for i in range(len(source.paths))])
+
+    return {"pdn.load_images": lambda folder: load_images(folder, 32).numpy(),
+            "penalty.folder_images": lambda folder: folder_images(folder, 5, 16).numpy(),
+            "perlin.AnomalySource": textures}
+
+
+@pytest.mark.parametrize("loader", ["pdn.load_images", "penalty.folder_images", "perlin.AnomalySource"])
+def test_D13_outside_loaders_scale_16_bit_and_name_bad_files(tmp_path: Path, loader: str) -> None:
+    """They used convert("RGB"): a 16-bit mid-grey image came out white."""
+    load = _outside_loaders()[loader]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "grey16.png").write_bytes(_png16(np.full((32, 32), 32768, np.uint16)))
+    assert np.all(load(folder) == 128)  # round(32768 / 257), not 255
+    for name, payload in (("bomb.png", _bomb_png()), ("broken.png", b"\x89PNG\r\n\x1a\n not an image")):
+        bad = folder / name
+        bad.write_bytes(payload)
+        with pytest.raises(DatasetError, match=f"^{re.escape(str(bad))}: ") as err:
+            load(folder)
+        assert "\n" not in str(err.value)
+        bad.unlink()
 
 
 def test_D13_16_bit_grey_tiff_too(tmp_path: Path) -> None:

@@ -361,17 +361,35 @@ def test_F11_damaged_config_yaml_on_resume(content, expected: str, data_root: Pa
     assert code == 2 and expected in err and "--overwrite" in err and len(error_lines(err)) == 1
 
 
+# A clbench process that holds its run folder after its first checkpoint until it is interrupted:
+# the test acts at a known moment instead of racing a run that may finish first.
+HOLD_AFTER_FIRST_CHECKPOINT = """
+import pathlib, sys, time
+from clbench import runner
+from clbench.cli import main
+save = runner.Experiment._checkpoint
+def hold(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    pathlib.Path(sys.argv[1]).touch()
+    while True:
+        time.sleep(0.05)
+runner.Experiment._checkpoint = hold
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_F09_F14_locked_folder_and_ctrl_c(synthetic_root: Path, tmp_path: Path, capsys) -> None:
     """A second run on a folder in use is refused naming the pid; Ctrl-C exits 130, quietly, resumable."""
     out = tmp_path / "out"
+    held = tmp_path / "held"
     args = ["run", "--data-root", str(synthetic_root), "--tasks", "4", "--image-size", "64", "--weights", "none",
             "--device", "cpu", "--param", "n_features=40", "--no-progress", "--output", str(out), "--name", "f09"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    first = subprocess.Popen([sys.executable, "-m", "clbench", *args], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_CHECKPOINT, str(held), *args], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 180
-        while not (out / "f09" / CHECKPOINT).exists():
+        while not held.exists():
             assert first.poll() is None, first.stderr.read()
             assert time.time() < deadline
             time.sleep(0.01)

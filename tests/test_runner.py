@@ -92,6 +92,18 @@ def test_existing_run_needs_resume_or_overwrite(synthetic_root: Path, tmp_path: 
     run_experiment(changed, overwrite=True, progress=False)
 
 
+def test_a_run_saved_with_synthetic_true_resumes_under_auto(tiny_root: Path, tmp_path: Path) -> None:
+    """Runs made before ``synthetic`` became auto|true|false saved ``synthetic: true``; the key says
+    only whether data may be generated (the dataset fingerprint guards the data), so it may differ."""
+    run_dir = run_experiment(make_config(tiny_root, tmp_path, tasks=1, image_size=32, method_params={"n_features": 8}),
+                             progress=False)
+    path = run_dir / "config.yaml"
+    path.write_text(path.read_text().replace("synthetic: false\n", "synthetic: true\n"))
+    assert yaml.safe_load(path.read_text())["synthetic"] is True
+    resumed = make_config(tiny_root, tmp_path, tasks=1, image_size=32, method_params={"n_features": 8}, synthetic="auto")
+    assert run_experiment(resumed, resume=True, progress=False) == run_dir
+
+
 def _cli(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # two runs share 2 cores
     return subprocess.Popen([sys.executable, "-m", "clbench", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -137,6 +137,21 @@ def test_ray_missing_is_one_clear_line(monkeypatch) -> None:
         RayExecutor()
 
 
+def test_cells_with_different_tasks_on_one_synthetic_root_are_prepared_before_the_workers(tmp_path: Path) -> None:
+    """Preparation was once per data_root: the 1-task cell generated one category and the 2-task
+    cell's second category was left to its worker (parallel workers generating into one folder)."""
+    root = tmp_path / "generated"
+    spec = write_spec(tmp_path / "spec.yaml", root, {"tasks": [1, 2]}, synthetic=True, image_size=32)
+    present: list[list[str]] = []
+
+    def record(cell: Cell) -> CellResult:
+        present.append(sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir()))
+        return CellResult(cell.name, "ran")
+
+    run_sweep(spec, "serial", cell_fn=record, echo=quiet)
+    assert len(present) == 2 and all(len(names) == 2 for names in present)
+
+
 # -- real sweeps -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def finished_sweep(synthetic_root: Path, tmp_path_factory):
