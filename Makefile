@@ -17,7 +17,7 @@ quickstart: $(BIN)/.installed
 	$(BIN)/clbench run --config configs/quickstart.yaml --overwrite
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 clean:
 	rm -rf $(VENV) data/synthetic results/quickstart-padim
