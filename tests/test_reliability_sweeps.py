@@ -84,7 +84,9 @@ def data_root(tmp_path: Path) -> Path:
 # -- W04a: workers die with their parent -------------------------------------------------------
 def sleepy_cell(cell: Cell) -> CellResult:
     """A cell that says it started (its pid in a file) and then runs for a long time."""
-    (Path(cell.sweep_dir) / f"{cell.name}.pid").write_text(str(os.getpid()))
+    pid_file = Path(cell.sweep_dir) / f"{cell.name}.pid"
+    pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
+    os.replace(pid_file.with_suffix(".tmp"), pid_file)  # whole, or not there: the test reads it at once
     time.sleep(120)
     return CellResult(cell.name, "ran")
 
