@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from clbench.backbones import create_feature_model, resolve_weights
+from clbench.features.backbones import create_feature_model, resolve_weights
 
 
 def throughput(model_name: str, size: int, batch: int, repeats: int, device: torch.device) -> float:

@@ -41,7 +41,7 @@ from anomalib.models.components.sampling import KCenterGreedy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import best_of  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from clbench.coreset import coreset_indices, covering_radius, greedy_k_center  # noqa: E402
+from clbench.features.coreset import coreset_indices, covering_radius, greedy_k_center  # noqa: E402
 
 
 def anomalib_coreset(features: torch.Tensor, k: int, seed: int) -> tuple[list[int], torch.Tensor]:

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clbench.backbones import feature_info  # noqa: E402
-from methods.cainnflow import VARIANTS, CAINNFlow  # noqa: E402
-from methods.fastflow import FastFlow  # noqa: E402
-from methods.flows import feature_dims, flow_loss  # noqa: E402
+from clbench.features.backbones import feature_info  # noqa: E402
+from methods.flows.cainnflow import VARIANTS, CAINNFlow  # noqa: E402
+from methods.flows.fastflow import FastFlow  # noqa: E402
+from methods.flows.common import feature_dims, flow_loss  # noqa: E402
 
 # (label, class, params, what the paper reports for the flow's parameters)
 R18 = {"backbone": "resnet18"}

@@ -23,7 +23,7 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel  # noqa: 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import best_of  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from clbench.knn import FlatL2Index, knn_torch  # noqa: E402
+from clbench.features.knn import FlatL2Index, knn_torch  # noqa: E402
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Time clbench.metrics against sklearn on a task-sized pixel test set.
+"""Time clbench.metrics.anomaly against sklearn on a task-sized pixel test set.
 
 Run:  python benchmarks/bench_metrics.py [--n 10000000] [--reps 3]
 
@@ -20,7 +20,7 @@ from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import best_of  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from clbench.metrics import aupro, auroc, f1_max, pixel_metrics  # noqa: E402
+from clbench.metrics.anomaly import aupro, auroc, f1_max, pixel_metrics  # noqa: E402
 
 
 def sklearn_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:

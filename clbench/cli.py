@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from clbench.config import ConfigError
-from clbench.profile import add_reproduce_parser
-from clbench.report import add_report_parser
+from clbench.engine.config import ConfigError
+from clbench.reporting.profile import add_reproduce_parser
+from clbench.reporting.report import add_report_parser
 from clbench.sweep import add_sweep_parser
 
 RUN_EXAMPLES = textwrap.dedent(
@@ -109,8 +109,8 @@ def _add_run_parser(sub) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from clbench import config as config_mod
-    from clbench.runner import run_experiment
+    from clbench.engine import config as config_mod
+    from clbench.engine.runner import run_experiment
 
     overrides = {
         key: getattr(args, key)
@@ -132,7 +132,7 @@ def _print_run(run_dir: Path) -> None:
 
     import pandas as pd
 
-    from clbench.plots import METRICS_COLUMNS, accuracy_matrix, read_csv_texts
+    from clbench.reporting.plots import METRICS_COLUMNS, accuracy_matrix, read_csv_texts
 
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = read_csv_texts(run_dir / "metrics.csv", METRICS_COLUMNS)  # '01' stays '01'
@@ -155,7 +155,7 @@ def _number(value: Any, spec: str) -> str:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     """Write the synthetic dataset only into a folder clbench owns (new, empty or marked)."""
-    from clbench.synth import synthesize
+    from clbench.data.synth import synthesize
 
     names = synthesize(args.out, categories=args.categories, size=args.size, seed=args.seed)
     print(f"wrote {len(names)} categories to {args.out}: {', '.join(names)}")
@@ -164,7 +164,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Print the dataset's table and every fault (errors on stderr); exit 2 if any is an error."""
-    from clbench.datacheck import check_dataset, format_report
+    from clbench.data.check import check_dataset, format_report
 
     report = check_dataset(args.root, args.val_fraction, args.seed, args.image_size, args.crop_size)
     out, errors = format_report(report)
@@ -175,9 +175,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
-    from clbench.memory import format_bytes
+    from clbench.engine.memory import format_bytes
     from methods.base import METHODS
-    from strategies.replay import Replay
+    from strategies.base import STRATEGIES
 
     if args.method is None and args.replay is None:
         raise ConfigError("memory: give --method M and/or --replay N")
@@ -199,7 +199,7 @@ def cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
     elif extra:
         raise ConfigError(f"memory: unexpected arguments {' '.join(extra)} without --method")
     if args.replay is not None:
-        components = Replay.analytic_memory({"buffer_size": args.replay}, args.image_size)
+        components = STRATEGIES.get("replay").analytic_memory({"buffer_size": args.replay}, args.image_size)
         show(f"replay buffer of {args.replay} images at {args.image_size}px (uint8 RGB):", components, "replay", "replay buffer (total)")
     return 0
 
@@ -222,7 +222,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     Python's format with a source line."""
     import warnings
 
-    from clbench.plots import plot_run
+    from clbench.reporting.plots import plot_run
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -245,7 +245,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("run", "sweep", "reproduce", "report", "data", "memory", "plot", "methods")
+
+
+def build_parser(method_commands: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``method_commands=False`` leaves out the commands that method
+    packages add (their import loads torch and timm, ~3 s, which ``report`` or ``plot`` do not need)."""
     parser = argparse.ArgumentParser(prog="clbench", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,9 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=cmd_plot)
 
     sub.add_parser("methods", help="list methods and strategies").set_defaults(func=cmd_methods)
-    from methods.pdn import add_distill_parser  # EfficientAD's offline teacher (imports torch)
+    if not method_commands:
+        return parser
+    from methods.base import METHODS  # each method's own commands (``add_cli_commands``); imports torch
 
-    add_distill_parser(sub)
+    for name in METHODS.names():
+        METHODS.get(name).add_cli_commands(sub)
     return parser
 
 
@@ -309,8 +317,14 @@ def error_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(method_commands=_command_word(words) not in CORE_COMMANDS)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "memory":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -8,7 +8,9 @@ The engine calls only what is here; it never knows which method it runs. A metho
   * scores a ``Batch`` through ``predict``: pixel maps at input resolution and image scores;
   * gets frozen backbones from the run's shared ``BackbonePool`` (each image goes through a frozen
     backbone once per run), and lists them in ``frozen_backbones`` for memory accounting;
-  * may describe the analytic size of its state in ``analytic_memory`` (``clbench memory``).
+  * may describe the analytic size of its state in ``analytic_memory`` (``clbench memory``);
+  * may add ``clbench`` subcommands of its own in ``add_cli_commands`` (EfficientAD's
+    ``distill-teacher``): the CLI calls it for every registered method and names none.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol
 import torch
 from torch import nn
 
-from clbench.backbones import BackbonePool, FrozenBackbone
+from clbench.features.backbones import BackbonePool, FrozenBackbone
 from clbench.data import Batch, SampleSet
 from clbench.registry import Registry
 
@@ -127,6 +129,11 @@ class AnomalyMethod(nn.Module, ABC):
     def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
         """Bytes of the method's state by component, computed from shapes alone (no training)."""
         raise NotImplementedError(f"method '{cls.name}' does not describe its analytic memory")
+
+    @classmethod
+    def add_cli_commands(cls, subparsers) -> None:
+        """Register the method's own ``clbench`` subcommands on the CLI's subparsers (each with
+        ``set_defaults(func=...)``); the CLI calls this for every registered method. Default: none."""
 
     # -- shared behaviour ----------------------------------------------------------------------
     def num_epochs(self, default: int) -> int:

@@ -77,9 +77,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.backbones import feature_info
+from clbench.features.backbones import feature_info
 from clbench.data import Batch
-from clbench.maps import finite_or_raise, gaussian_blur, upsample
+from clbench.features.maps import finite_or_raise, gaussian_blur, upsample
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
 from methods.training import fit_epochs
 

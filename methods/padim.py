@@ -40,9 +40,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from clbench.backbones import feature_info
+from clbench.features.backbones import feature_info
 from clbench.data import Batch
-from clbench.maps import finite_or_raise, gaussian_blur, upsample
+from clbench.features.maps import finite_or_raise, gaussian_blur, upsample
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
 
 # Channels kept after random reduction: PaDiM's 100 for ResNet18, seed 003's 350 for WRN50-2.

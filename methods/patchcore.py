@@ -10,8 +10,8 @@ with ``AdaptiveAvgPool2d`` to the first layer's grid (clad ``src/trainer/trainer
 Memory (seed 003, Algorithm 2). One budget of patches (30000). When task i+1 arrives with i tasks
 learned, every stored bank is re-subsampled to ``budget // (i+1)`` and the new task's patches are
 subsampled to the same size (greedy k-center coreset on a JL sparse random projection, eps 0.9,
-see ``clbench.coreset``); a bank already smaller than its target is kept whole, so the total never
-exceeds the budget. A joint step (several tasks at once) makes one bank with the whole budget.
+see ``clbench.features.coreset``); a bank already smaller than its target is kept whole, so the
+total never exceeds the budget. A joint step (several tasks at once) makes one bank with the whole budget.
 Banks live in one concatenated ``memory_bank`` (M, D) float32 buffer with ``bank_sizes`` (n,) and
 ``bank_tasks`` (n,) (how many tasks each bank was learned from) int64 buffers, so ``state_dict``
 carries them; the faiss indexes are derived caches rebuilt from the buffers. (The paper's code:
@@ -51,11 +51,11 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from clbench.backbones import feature_info
-from clbench.coreset import coreset_indices
+from clbench.features.backbones import feature_info
+from clbench.features.coreset import coreset_indices
 from clbench.data import Batch
-from clbench.knn import FlatL2Index
-from clbench.maps import finite_or_raise, gaussian_blur, upsample
+from clbench.features.knn import FlatL2Index
+from clbench.features.maps import finite_or_raise, gaussian_blur, upsample
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
 
 

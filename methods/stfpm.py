@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clbench.backbones import trainable_feature_model
+from clbench.features.backbones import trainable_feature_model
 from clbench.data import Batch
-from clbench.maps import finite_or_raise, upsample
+from clbench.features.maps import finite_or_raise, upsample
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
 from methods.training import fit_epochs
 

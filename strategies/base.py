@@ -89,6 +89,11 @@ class Strategy(ABC):
     def memory_components(self) -> dict[str, int]:
         return {"replay_buffer": 0}
 
+    @classmethod
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
+        """Bytes of what the strategy stores, by component, from its parameters alone (``clbench memory``)."""
+        return {"replay_buffer": 0}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

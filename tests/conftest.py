@@ -57,7 +57,7 @@ def tiny_root(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """Four small categories of the built-in synthetic dataset, generated once per test session."""
-    from clbench.synth import generate
+    from clbench.data.synth import generate
 
     root = tmp_path_factory.mktemp("synthetic")
     generate(root, categories=4, size=64, seed=0, n_train=12, n_test_good=4, n_test_per_defect=2)
@@ -70,8 +70,8 @@ STRATEGY_CASES = [("sequential", {}), ("replay", {"buffer_size": 4}), ("joint", 
 
 def engine_run(method: str, strategy: str, strategy_params: dict, data_root: Path, out: Path, **overrides) -> Path:
     """One short run through the engine (2 tasks, 1 epoch, random init, CPU): the run folder."""
-    from clbench.config import RunConfig
-    from clbench.runner import run_experiment
+    from clbench.engine.config import RunConfig
+    from clbench.engine.runner import run_experiment
 
     settings = dict(method=method, strategy=strategy, strategy_params=strategy_params, data_root=str(data_root),
                     synthetic=False, tasks=2, image_size=64, weights="none", output_dir=str(out),

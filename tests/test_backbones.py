@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clbench.backbones import FeatureCache, FrozenBackbone, create_feature_model, feature_info, resolve_weights
-from clbench.config import ConfigError
+from clbench.features.backbones import FeatureCache, FrozenBackbone, create_feature_model, feature_info, resolve_weights
+from clbench.engine.config import ConfigError
 from clbench.data import Batch
 
 
@@ -96,8 +96,8 @@ def test_feature_info_from_the_architecture_alone() -> None:
 
 
 def test_require_pretrained_refuses_a_random_init_backbone() -> None:
-    from clbench.backbones import BackbonePool
-    from clbench.config import ConfigError
+    from clbench.features.backbones import BackbonePool
+    from clbench.engine.config import ConfigError
 
     pool = BackbonePool("none", torch.device("cpu"), 0, 1 << 20, None, require_pretrained=True)
     with pytest.raises(ConfigError, match=r"backbone 'resnet18'.*random init.*--weights PATH.*--allow-random-init"):

@@ -1,6 +1,6 @@
 """CAINNFlow's attention blocks and coupling subnets against the equations of its paper (seed 000,
 eqs. 6-12). CAINNFlow has no reference implementation, so the expected values are computed here,
-independently of ``methods.cainnflow``: by hand from literal weights (eqs. 7, 8) and with plain
+independently of ``methods.flows.cainnflow``: by hand from literal weights (eqs. 7, 8) and with plain
 numpy written from the equations (eq. 6, eqs. 9-12). Where the module follows a documented reading
 of an ambiguous equation, the test also shows that the literal reading would give another value."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from methods.cainnflow import CBAM, ChannelAttention, SpatialAttention, cbam_subnet
+from methods.flows.cainnflow import CBAM, ChannelAttention, SpatialAttention, cbam_subnet
 
 # F in R^{2 x 2 x 2}: channel 0 = [[1, 2], [3, 4]], channel 1 = [[-1, 0], [0, 5]]
 F = np.array([[[1.0, 2.0], [3.0, 4.0]], [[-1.0, 0.0], [0.0, 5.0]]])

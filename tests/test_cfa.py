@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clbench.backbones import BackbonePool
+from clbench.features.backbones import BackbonePool
 from clbench.data import Batch, ImageStore, SampleSet, load_category
 from methods.base import MethodContext, TaskData
 from methods.cfa import CFA, cfa_loss, softmin_score, squared_distances

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from clbench import config as cfg
+from clbench.engine import config as cfg
 from clbench.cli import main
 
 
@@ -65,7 +65,7 @@ def test_cli_reports_one_line_errors(tmp_path: Path, tiny_root: Path, capsys) ->
 def test_require_pretrained_refuses_before_the_run_folder_exists(tiny_root: Path, tmp_path: Path) -> None:
     """A backbone resolving to random init under require_pretrained: one line naming the backbone and
     the ways out, raised before anything is written."""
-    from clbench.runner import run_experiment
+    from clbench.engine.runner import run_experiment
 
     config = cfg.RunConfig(data_root=str(tiny_root), synthetic=False, weights="none", require_pretrained=True,
                            output_dir=str(tmp_path / "out"), image_size=32, device="cpu")
@@ -80,7 +80,7 @@ def test_require_pretrained_refuses_before_the_run_folder_exists(tiny_root: Path
 def test_require_pretrained_checks_the_backbones_a_method_relies_on() -> None:
     """Each method names its pretrained backbones: EfficientAD none (its teacher file is what must be
     pretrained, checked by the method), DRAEM none, the others their ``backbone``."""
-    from clbench.runner import check_pretrained
+    from clbench.engine.runner import check_pretrained
     from methods.base import METHODS
 
     for name in ("efficientad", "draem"):
@@ -121,7 +121,7 @@ def test_run_names_are_one_plain_folder_name() -> None:
 def test_the_run_folder_name_has_one_source() -> None:
     """RunConfig.run_name/run_dir named folders '<backbone or default>' while the runner names them
     from the method's resolved backbone: only the runner's name exists now."""
-    from clbench.runner import default_run_name
+    from clbench.engine.runner import default_run_name
 
     assert not hasattr(cfg.RunConfig, "run_name") and not hasattr(cfg.RunConfig, "run_dir")
     assert default_run_name("padim", "sequential", "resnet18", 0) == "padim-sequential-resnet18-seed0"

@@ -11,7 +11,7 @@ from anomalib.models.components.dimensionality_reduction import SparseRandomProj
 from anomalib.models.components.sampling import KCenterGreedy
 from sklearn.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
 
-from clbench.coreset import (
+from clbench.features.coreset import (
     coreset_indices,
     covering_radius,
     greedy_k_center,

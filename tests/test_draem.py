@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clbench.backbones import BackbonePool
+from clbench.features.backbones import BackbonePool
 from clbench.data import ImageStore, SampleSet, load_category
 from methods.base import MethodContext, TaskData
-import methods.draem as draem_module
-from methods.draem import DRAEM, draem_filter_size
-from methods.perlin import (
+import methods.draem.model as draem_module
+from methods.draem.model import DRAEM, draem_filter_size
+from methods.draem.simulator import (
     AnomalySource, SOURCE_AUGMENTATIONS, default_max_scale, perlin_mask, perlin_scales, procedural_texture,
     rotate_normal_images, synthesize_anomalies,
 )

@@ -19,23 +19,15 @@ import pandas as pd
 import pytest
 import torch
 
-from clbench.backbones import BackbonePool
-from clbench.config import RunConfig
+from clbench.features.backbones import BackbonePool
+from clbench.engine.config import RunConfig
 from clbench.data import ImageStore, SampleSet, load_category
-from clbench.runner import run_experiment
+from clbench.engine.runner import run_experiment
 from methods.base import MethodContext, TaskData
-from methods.efficientad import EfficientAD, hard_feature_loss
-from methods.pdn import (
-    AutoEncoder,
-    build_pdn,
-    count_parameters,
-    distill_teacher,
-    images_digest,
-    load_pdn_weights,
-    pdn_output_size,
-    provenance_path,
-)
-from methods.penalty import folder_images, procedural_images
+from methods.efficientad.model import EfficientAD, hard_feature_loss
+from methods.efficientad.distill import distill_teacher, images_digest, provenance_path
+from methods.efficientad.networks import AutoEncoder, build_pdn, count_parameters, load_pdn_weights, pdn_output_size
+from methods.efficientad.penalty import folder_images, procedural_images
 
 SIZE = 64
 FAST = {"penalty_images": 4, "standin_images": 4, "backbone": "resnet18", "out_channels": 64}  # 64 channels: 2x faster
@@ -44,7 +36,7 @@ FAST = {"penalty_images": 4, "standin_images": 4, "backbone": "resnet18", "out_c
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """Two synthetic categories: 6 good training images, 2 good + 1 per defect type for testing."""
-    from clbench.synth import generate
+    from clbench.data.synth import generate
 
     out = tmp_path_factory.mktemp("efficientad-data")
     generate(out, categories=2, size=SIZE, seed=0, n_train=6, n_test_good=2, n_test_per_defect=1, workers=1)
@@ -132,7 +124,7 @@ def test_distillation_writes_weights_and_provenance_and_is_cached(teacher_file: 
 def test_distill_teacher_command(root: Path, tmp_path: Path, capsys) -> None:
     import argparse
 
-    from methods.pdn import add_distill_parser
+    from methods.efficientad.distill import add_distill_parser
 
     parser = argparse.ArgumentParser(prog="clbench")
     add_distill_parser(parser.add_subparsers(dest="command"))

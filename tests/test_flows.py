@@ -12,11 +12,11 @@ import pytest
 import timm
 import torch
 
-from clbench.backbones import BackbonePool, out_indices
+from clbench.features.backbones import BackbonePool, out_indices
 from clbench.data import ImageStore, SampleSet, load_category
 from methods.base import MethodContext, TaskData
-from methods.cainnflow import CBAM, VARIANTS, CAINNFlow, ChannelAttention, SpatialAttention
-from methods.fastflow import FastFlow
+from methods.flows.cainnflow import CBAM, VARIANTS, CAINNFlow, ChannelAttention, SpatialAttention
+from methods.flows.fastflow import FastFlow
 from conftest import STRATEGY_CASES, engine_run
 
 # (class, params) of every flow configuration: FastFlow and each CAINNFlow variant
@@ -95,7 +95,7 @@ def test_default_architectures_and_parameter_counts(monkeypatch) -> None:
     assert all(isinstance(block.subnet[2], CBAM) for block in CAINNFlow.build_flows(cainnflow, [(8, 4, 4)])[0].module_list)
 
     # at 256 px: WRN50 flows with alternating subnets have the FastFlow paper's 41.3M parameters
-    monkeypatch.setattr("methods.flows.feature_info", meta_feature_info)
+    monkeypatch.setattr("methods.flows.common.feature_info", meta_feature_info)
     counts = FastFlow.parameter_counts({}, 256)
     assert counts["flow_trainable"] == 41_337_856 and round(counts["flow_trainable"] / 1e6, 1) == 41.3
     assert counts["layernorm"] == 2 * (256 * 64 * 64 + 512 * 32 * 32 + 1024 * 16 * 16)  # learnable affine

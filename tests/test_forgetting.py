@@ -1,4 +1,4 @@
-"""Tests of clbench.forgetting on matrices whose answers are worked out by hand."""
+"""Tests of clbench.metrics.forgetting on matrices whose answers are worked out by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from clbench.forgetting import (acc, bwt, forgetting_measure, relative_forgetting, summarize, summarize_joint,
+from clbench.metrics.forgetting import (acc, bwt, forgetting_measure, relative_forgetting, summarize, summarize_joint,
                                 undefined_tasks)
 
 # R[s, j]: metric on task j after step s.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-from clbench.knn import FlatL2Index, knn_faiss, knn_torch
+from clbench.features.knn import FlatL2Index, knn_faiss, knn_torch
 
 
 def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

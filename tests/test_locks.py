@@ -1,4 +1,4 @@
-"""clbench.locks: ``locked_by`` reads without taking or rewriting a lock (the sweep's probe used to
+"""clbench.engine.locks: ``locked_by`` reads without taking or rewriting a lock (the sweep's probe used to
 take the lock and write its own pid, also in ``--dry-run``), and without ``fcntl`` (Windows) the
 module imports and falls back to a pid-file check."""
 from __future__ import annotations
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clbench import locks
-from clbench.locks import LOCK_NAME, FolderLocked, check_unlocked, locked_by, run_lock
+from clbench.engine import locks
+from clbench.engine.locks import LOCK_NAME, FolderLocked, check_unlocked, locked_by, run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 HOLD = textwrap.dedent("""\
     import sys
-    from clbench.locks import run_lock
+    from clbench.engine.locks import run_lock
     with run_lock(sys.argv[1]):
         print("locked", flush=True)
         sys.stdin.readline()
@@ -108,7 +108,7 @@ def test_without_fcntl_a_live_pid_in_the_lock_file_holds_the_folder(tmp_path: Pa
 
 
 def test_sweep_and_report_import_without_fcntl() -> None:
-    code = "import sys; sys.modules['fcntl'] = None\nimport clbench.sweep, clbench.report, clbench.locks as l\n" \
+    code = "import sys; sys.modules['fcntl'] = None\nimport clbench.sweep, clbench.reporting.report, clbench.engine.locks as l\n" \
            "assert l.fcntl is None and l.locked_by('nowhere') is None"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -1,4 +1,4 @@
-"""Tests of clbench.metrics against sklearn, anomalib's F1Max and a brute-force AUPRO reference."""
+"""Tests of clbench.metrics.anomaly against sklearn, anomalib's F1Max and a brute-force AUPRO reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from clbench.metrics import (
+from clbench.metrics.anomaly import (
     UndefinedMetricError,
     aupro,
     auroc,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clbench.backbones import BackbonePool
+from clbench.features.backbones import BackbonePool
 from clbench.data import Batch
 from conftest import engine_run
 from methods.base import MethodContext, TaskData

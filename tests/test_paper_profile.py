@@ -13,8 +13,8 @@ import yaml
 from PIL import Image
 
 from clbench.cli import main
-from clbench.profile import load_profile
-from clbench.tasks import PAPER_ORDER
+from clbench.reporting.profile import load_profile
+from clbench.engine.tasks import PAPER_ORDER
 
 CELLS = ["padim-sequential-seed0", "patchcore-sequential-seed0", "cfa-replay-seed0", "stfpm-replay-seed0",
          "efficientad-replay-seed0", "draem-replay-seed0", "fastflow-replay-seed0", "cainnflow-replay-seed0"]

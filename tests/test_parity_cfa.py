@@ -19,7 +19,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import anomalib.models.image.cfa.torch_model as anomalib_cfa
 from anomalib.models.image.cfa.lightning_model import Cfa as AnomalibCfa
 from anomalib.models.image.cfa.loss import CfaLoss
-from clbench.backbones import BackbonePool
+from clbench.features.backbones import BackbonePool
 from clbench.data import Batch, ImageStore, SampleSet, normalize
 from methods.base import MethodContext, TaskData
 from methods.cfa import CFA

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from anomalib.models.image.draem.loss import DraemLoss
 from anomalib.models.image.draem.torch_model import DraemModel
 
-from clbench.backbones import BackbonePool
+from clbench.features.backbones import BackbonePool
 from clbench.data import Batch
 from methods.base import MethodContext
-from methods.draem import DRAEM, draem_filter_size, draem_loss_terms, focal_loss, ssim, ssim_map
-from methods.perlin import AnomalySource, synthesize_anomalies
+from methods.draem.losses import draem_loss_terms, focal_loss, ssim, ssim_map
+from methods.draem.model import DRAEM, draem_filter_size
+from methods.draem.simulator import AnomalySource, synthesize_anomalies
 
 SIZE = 32
 TOL = 1e-4

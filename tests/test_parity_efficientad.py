@@ -7,7 +7,7 @@ and ``map_norm_quantiles``), then anomaly maps, image scores and one training st
 gradients are compared. Relative difference: max |ours - anomalib| / max |anomalib| per tensor.
 
 Size: anomalib's autoencoder hard-codes an 8x8 bottleneck convolution (256 px inputs only) and its
-decoder needs >= 128 px; clbench sizes the bottleneck to the input (``methods.pdn.AutoEncoder``). The
+decoder needs >= 128 px; clbench sizes the bottleneck to the input (``methods.efficientad.networks.AutoEncoder``). The
 networks are compared unchanged at 256 px (``test_autoencoder_matches_anomalib_at_256_px``, small PDN
 model at 256 px); the full pipeline runs at 128 px with anomalib's bottleneck convolution replaced by
 a 4x4 one (the only change), which keeps the medium model's test at a few seconds. The training
@@ -26,12 +26,12 @@ from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
 from torch import nn
 from torchvision.transforms import functional as TF
 
-import methods.efficientad as efficientad
-from clbench.backbones import BackbonePool
+import methods.efficientad.model as efficientad
+from clbench.features.backbones import BackbonePool
 from clbench.data import Batch, normalize
 from methods.base import MethodContext
-from methods.efficientad import EfficientAD, apply_jitter
-from methods.pdn import AutoEncoder, pdn_output_size
+from methods.efficientad.model import EfficientAD, apply_jitter
+from methods.efficientad.networks import AutoEncoder, pdn_output_size
 from conftest import InMemoryStream, smooth_batch, smooth_pixels
 
 TOL = 1e-4

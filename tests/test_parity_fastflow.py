@@ -11,11 +11,11 @@ import torch
 from anomalib.models.image.fastflow.loss import FastflowLoss
 from anomalib.models.image.fastflow.torch_model import FastflowModel
 
-from clbench.backbones import BackbonePool
+from clbench.features.backbones import BackbonePool
 from clbench.data import ImageStore, SampleSet, normalize
 from methods.base import MethodContext, TaskData
-from methods.fastflow import FastFlow
-from methods.flows import flow_loss
+from methods.flows.fastflow import FastFlow
+from methods.flows.common import flow_loss
 from conftest import InMemoryStream, smooth_batch
 
 SIZE, STEPS, IMAGES = 64, 8, 3

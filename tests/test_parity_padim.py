@@ -12,7 +12,7 @@ import torch
 from anomalib.models.image.padim.anomaly_map import AnomalyMapGenerator
 from anomalib.models.image.padim.torch_model import PadimModel
 
-from clbench.backbones import BackbonePool
+from clbench.features.backbones import BackbonePool
 from clbench.data import Batch, normalize
 from methods.base import MethodContext, TaskData
 from methods.padim import PaDiM

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-from clbench.backbones import BackbonePool
+from clbench.features.backbones import BackbonePool
 from clbench.data import Batch, normalize
 from methods.base import MethodContext, TaskData
 from methods.patchcore import PatchCore

@@ -16,7 +16,7 @@ import anomalib.models.image.stfpm.torch_model as anomalib_stfpm
 from anomalib.models.components import TimmFeatureExtractor
 from anomalib.models.image.stfpm.lightning_model import Stfpm as AnomalibStfpm
 from anomalib.models.image.stfpm.loss import STFPMLoss
-from clbench.backbones import BackbonePool
+from clbench.features.backbones import BackbonePool
 from clbench.data import normalize
 from methods.base import MethodContext
 from methods.stfpm import STFPM

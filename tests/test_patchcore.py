@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from clbench.backbones import BackbonePool
-from clbench.config import RunConfig
+from clbench.features.backbones import BackbonePool
+from clbench.engine.config import RunConfig
 from clbench.data import Batch
-from clbench.runner import run_experiment
+from clbench.engine.runner import run_experiment
 from methods.base import MethodContext, TaskData
-from clbench.knn import FlatL2Index
+from clbench.features.knn import FlatL2Index
 from methods.patchcore import PatchCore, bank_targets, neighbourhood, patch_embedding
 
 P, D = 4, 3  # patches per image (2x2 grid), embedding dims

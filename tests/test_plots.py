@@ -1,4 +1,4 @@
-"""Tests for clbench.plots: exact matrix values, valid PNGs, partial/joint runs, NaN, errors."""
+"""Tests for clbench.reporting.plots: exact matrix values, valid PNGs, partial/joint runs, NaN, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from clbench import plots
+from clbench.reporting import plots
 
 TASKS = ["bottle", "cable", "capsule", "metal_nut"]
 METRICS = ("pixel_auroc", "pixel_aupro")

@@ -18,11 +18,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clbench import synth
+from clbench.data import synth
+from clbench.data.synth import writer
 from clbench.cli import main
-from clbench.config import RunConfig
+from clbench.engine.config import RunConfig
 from clbench.data import DatasetError, ImageStore, Sample, list_categories, load_category
-from clbench.runner import ensure_dataset
+from clbench.engine.runner import ensure_dataset
 from conftest import write_category
 
 RUN = ["run", "--method", "padim", "--image-size", "32", "--weights", "none", "--device", "cpu", "--no-progress"]
@@ -122,7 +123,7 @@ def test_D01_synthetic_data_is_generated_at_the_default_root_or_when_asked(tmp_p
 
 
 def test_synthetic_auto_is_a_valid_value_and_others_are_not() -> None:
-    from clbench.config import ConfigError, from_mapping
+    from clbench.engine.config import ConfigError, from_mapping
 
     assert from_mapping({"synthetic": "auto"}).synthetic == "auto"
     assert RunConfig().synthetic == "auto"
@@ -144,7 +145,7 @@ def test_D22_marked_dataset_that_has_the_tasks_is_never_written(tmp_path: Path, 
     def no_generation(*args, **kwargs):
         raise AssertionError("generated into a dataset that has every category the tasks need")
 
-    monkeypatch.setattr(synth, "generate", no_generation)
+    monkeypatch.setattr(writer, "generate", no_generation)
     os.chmod(root, 0o555)
     try:
         for synthetic in (True, "auto"):
@@ -164,7 +165,7 @@ def test_D22_only_the_missing_categories_the_tasks_need_are_generated(tmp_path: 
         calls.append(list(categories))
         return real(out, categories, *args, **kwargs)
 
-    monkeypatch.setattr(synth, "generate", counting)
+    monkeypatch.setattr(writer, "generate", counting)
     ensure_dataset(RunConfig(data_root=str(root), synthetic=True, tasks=2, image_size=32))
     assert calls == [[sorted(synth.CATEGORY_NAMES)[0]]]  # one more for a count of 2, not 14
 
@@ -178,7 +179,7 @@ def test_D22_a_failed_write_is_one_line_naming_the_folder(tmp_path: Path, capsys
     def read_only(path, data):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr("clbench.atomic.write_json", read_only)
+    monkeypatch.setattr("clbench.engine.atomic.write_json", read_only)
     code, _, err = _run(capsys, root, tmp_path / "out", "--config", str(config), "--tasks", "3", "--name", "d22")
     line = _one_line_error(err)
     assert code == 2 and "cannot write the synthetic dataset (Permission denied)" in line and str(root) in line
@@ -241,9 +242,9 @@ def test_D13_16_bit_grey_png_is_scaled_not_clipped(tmp_path: Path) -> None:
 def _outside_loaders():
     """The image loaders outside the dataset (EfficientAD's distillation and penalty folders,
     DRAEM's texture folder), each as folder -> uint8 (N, 3, 32, 32)."""
-    from methods.pdn import load_images
-    from methods.penalty import folder_images
-    from methods.perlin import AnomalySource
+    from methods.efficientad.distill import load_images
+    from methods.efficientad.penalty import folder_images
+    from methods.draem.simulator import AnomalySource
 
     def textures(folder: Path):
         source = AnomalySource(folder, 32)
@@ -511,7 +512,7 @@ def test_C43_one_category_name_runs_one_task(two: Path, tmp_path: Path, capsys) 
 
 def test_C44_a_count_with_spaces_is_a_count(two: Path) -> None:
     ensure_dataset(RunConfig(data_root=str(two), synthetic=False, tasks=" 2"))
-    from clbench.tasks import resolve_tasks
+    from clbench.engine.tasks import resolve_tasks
 
     assert resolve_tasks(" 2", list_categories(two)) == ["alpha", "beta"]
 

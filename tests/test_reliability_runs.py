@@ -20,10 +20,10 @@ import pytest
 import torch
 import yaml
 
-from clbench import atomic
+from clbench.engine import atomic
 from clbench.cli import main
-from clbench.config import ConfigError
-from clbench.locks import FolderLocked, check_unlocked, run_lock
+from clbench.engine.config import ConfigError
+from clbench.engine.locks import FolderLocked, check_unlocked, run_lock
 from conftest import write_category
 
 NAME = "ünï-运行"  # the reference run's name: unicode is a plain folder name too
@@ -160,7 +160,7 @@ def test_S04_name_in_a_config_file_is_checked_too(data_root: Path, tmp_path: Pat
 
 
 def test_default_run_name_keeps_a_slash_out_of_the_path() -> None:
-    from clbench.runner import default_run_name
+    from clbench.engine.runner import default_run_name
 
     assert default_run_name("padim", "sequential", "hf-hub:timm/resnet18", 0) == "padim-sequential-hf-hub:timm_resnet18-seed0"
 
@@ -365,7 +365,7 @@ def test_F11_damaged_config_yaml_on_resume(content, expected: str, data_root: Pa
 # the test acts at a known moment instead of racing a run that may finish first.
 HOLD_AFTER_FIRST_CHECKPOINT = """
 import pathlib, sys, time
-from clbench import runner
+from clbench.engine import runner
 from clbench.cli import main
 save = runner.Experiment._checkpoint
 def hold(self, *args, **kwargs):
@@ -412,7 +412,7 @@ def test_run_lock_is_reentrant_and_released(tmp_path: Path) -> None:
     with run_lock(folder):
         with run_lock(folder):  # a sweep worker holding its cell, then the runner
             check_unlocked(folder)
-        holder = subprocess.run([sys.executable, "-c", "from clbench.locks import run_lock; import sys\n"
+        holder = subprocess.run([sys.executable, "-c", "from clbench.engine.locks import run_lock; import sys\n"
                                  f"with run_lock({str(folder)!r}): pass"], capture_output=True, text=True)
         assert holder.returncode == 1 and f"in use by another clbench process (pid {os.getpid()})" in holder.stderr
     with run_lock(folder):  # released
@@ -483,7 +483,7 @@ def test_D12_nan_metric_is_null_and_named_not_averaged_away(data_root: Path, tmp
                                                             monkeypatch) -> None:
     """A metric undefined for a task (here pixel AUPRO of 'alpha', as with masks without a defect
     pixel) makes that metric's ACC/BWT/FM null in strict JSON, lists the task, and warns once."""
-    import clbench.runner as runner
+    import clbench.engine.runner as runner
 
     real = runner.evaluate_all
 
@@ -604,8 +604,8 @@ def test_resume_refuses_a_plots_link_out_of_the_run_folder(data_root: Path, copy
 def test_a_run_that_loses_a_race_deletes_nothing(data_root: Path, tmp_path: Path, monkeypatch) -> None:
     """Two fresh runs of one name: the loser (its folder made by the winner meanwhile) must not
     remove the winner's folder when it is refused."""
-    from clbench.config import RunConfig
-    from clbench.runner import Experiment
+    from clbench.engine.config import RunConfig
+    from clbench.engine.runner import Experiment
 
     config = RunConfig(data_root=str(data_root), synthetic=False, tasks=2, image_size=32, weights="none",
                        device="cpu", output_dir=str(tmp_path / "out"), name="race")

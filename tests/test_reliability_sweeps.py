@@ -127,7 +127,7 @@ def test_W04a_pool_workers_die_when_the_sweep_is_killed(tmp_path: Path) -> None:
 # -- W04, F09: a cell locked by another live process is skipped, never started twice ------------
 HOLD_SCRIPT = textwrap.dedent("""\
     import sys, time
-    from clbench.locks import run_lock
+    from clbench.engine.locks import run_lock
     with run_lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(120)
@@ -282,7 +282,7 @@ DAMAGE = [
 
 @pytest.mark.parametrize("damage, expected", [pytest.param(d, e, id=i) for i, d, e in DAMAGE])
 def test_W07_each_kind_of_damage_is_found(sweep_copy: Path, damage, expected) -> None:
-    from clbench.report import load_cells
+    from clbench.reporting.cells import load_cells
 
     damage(sweep_copy / "runs" / "padim-sequential-seed0")
     cells = {c.name: c for c in load_cells(sweep_copy)[0]}
@@ -358,7 +358,7 @@ def one_error_line(err: str) -> str:
 
 
 def test_beyond_a_spec_of_10000_cells_is_refused_before_it_is_expanded(tmp_path: Path, capsys, monkeypatch) -> None:
-    import clbench.sweep as sweep
+    import clbench.sweep.spec as sweep
 
     grid = {"seed": list(range(10)), "image_size": list(range(32, 42)), "val_fraction": [0.1 + i / 100 for i in range(10)],
             "method_params.n_features": list(range(1, 11))}
@@ -414,7 +414,7 @@ def no_space(*args, **kwargs):
 
 def test_beyond_a_full_disk_before_the_sweep_starts_is_one_line(data_root: Path, tmp_path: Path, capsys,
                                                                 monkeypatch) -> None:
-    from clbench import atomic
+    from clbench.engine import atomic
 
     spec = write_spec(tmp_path / "spec.yaml", data_root, {"seed": [0]})
     monkeypatch.setattr(atomic, "write_with", no_space)
@@ -424,7 +424,7 @@ def test_beyond_a_full_disk_before_the_sweep_starts_is_one_line(data_root: Path,
 
 
 def test_beyond_a_full_disk_during_a_sweep_stops_starting_cells(data_root: Path, tmp_path: Path, monkeypatch) -> None:
-    import clbench.sweep as sweep
+    import clbench.sweep.run as sweep
 
     started: list[str] = []
 
@@ -502,7 +502,7 @@ def test_beyond_report_output_that_is_a_file_or_someone_elses_folder(sweep_copy:
 
 
 def test_beyond_report_on_a_full_disk_is_one_line(sweep_copy: Path, capsys, monkeypatch) -> None:
-    from clbench import atomic
+    from clbench.engine import atomic
 
     monkeypatch.setattr(atomic, "write_with", no_space)
     assert report_cli([str(sweep_copy)]) == 2
@@ -514,7 +514,7 @@ def test_beyond_report_never_reads_outside_the_sweep(sweep_copy: Path, tmp_path:
 
     import pandas as pd
 
-    from clbench.report import build_report
+    from clbench.reporting.report import build_report
 
     secret = tmp_path / "elsewhere" / "private-run"
     shutil.copytree(sweep_copy / "runs" / "padim-sequential-seed1", secret)
@@ -535,7 +535,7 @@ def test_beyond_report_never_reads_outside_the_sweep(sweep_copy: Path, tmp_path:
 
 
 def test_beyond_report_survives_hand_edited_files(sweep_copy: Path) -> None:
-    from clbench.report import build_report
+    from clbench.reporting.report import build_report
 
     (sweep_copy / "status.json").write_text("[1, 2]")
     run = sweep_copy / "runs" / "padim-sequential-seed1"
@@ -572,7 +572,7 @@ def test_beyond_plot_of_a_damaged_run_folder(sweep_copy: Path, capsys) -> None:
 def test_beyond_a_task_named_NA_is_a_name_and_an_empty_value_a_nan(tmp_path: Path) -> None:
     import math
 
-    from clbench.report import METRICS_COLUMNS, _read_table
+    from clbench.reporting.cells import METRICS_COLUMNS, _read_table
 
     path = tmp_path / "metrics.csv"
     path.write_text("step,trained_task,eval_task,metric,value\n0,NA,NA,pixel_auroc,\n0,NA,null,pixel_auroc,0.5\n")

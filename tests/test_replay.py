@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from clbench.config import RunConfig
+from clbench.engine.config import RunConfig
 from clbench.data import ImageStore, Sample, SampleSet
-from clbench.runner import run_experiment
+from clbench.engine.runner import run_experiment
 from strategies.buffers import BalancedBuffer, ReservoirBuffer, replay_bytes
 from strategies.replay import Replay, ReplayStream
 

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from clbench.forgetting import summarize, summarize_joint
-from clbench.report import add_report_parser, build_report, markdown_table
+from clbench.metrics.forgetting import summarize, summarize_joint
+from clbench.reporting.report import add_report_parser, build_report
+from clbench.reporting.tables import markdown_table
 
 TASKS = ["alpha", "beta", "gamma"]
 METRICS = ("pixel_auroc", "image_auroc", "pixel_aupro", "pixel_ap")
@@ -220,7 +221,7 @@ def test_markdown_table_pads_columns() -> None:
 def test_keys_that_only_differ_between_methods_are_not_extra_columns() -> None:
     import pandas as pd
 
-    from clbench.report import _varying
+    from clbench.reporting.tables import _varying
 
     summary = pd.DataFrame({"method": ["a", "a", "b"], "budget": ["none", "none", "3000"], "n_features": [1, 2, 1]})
     assert _varying(summary, ["budget", "n_features"]) == ["n_features"]
@@ -248,7 +249,7 @@ def _profile_cell(sweep_dir: Path, method: str, strategy: str, seed: int, *, f1:
 
 def test_paper_table_next_to_the_published_figures(tmp_path: Path, capsys) -> None:
     sweep_dir = tmp_path / "clad"
-    from clbench.profile import load_profile
+    from clbench.reporting.profile import load_profile
 
     own = load_profile("clad").differences["padim"][0]  # one of the profile's own differences: left to env.json
     padim = [_profile_cell(sweep_dir, "padim", "sequential", seed, f1=(0.2 + 0.1 * seed, 0.05, 0.25 - 0.1 * seed),

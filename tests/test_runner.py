@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from clbench.config import ConfigError, RunConfig
+from clbench.engine.config import ConfigError, RunConfig
 from clbench.data import list_categories, load_category
-from clbench.runner import CHECKPOINT, run_experiment
+from clbench.engine.runner import CHECKPOINT, run_experiment
 
 
 def make_config(root: Path, out: Path, **overrides) -> RunConfig:
@@ -135,7 +135,7 @@ def test_killed_run_resumes_to_identical_metrics(synthetic_root: Path, tmp_path:
 
 
 def test_synthetic_data_is_generated_completed_but_never_written_into_user_data(tmp_path: Path) -> None:
-    from clbench.runner import SYNTHETIC_MARKER, ensure_dataset
+    from clbench.engine.runner import SYNTHETIC_MARKER, ensure_dataset
 
     root = tmp_path / "synth"
     config = RunConfig(data_root=str(root), synthetic=True, synthetic_categories=3, image_size=32)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clbench.backbones import BackbonePool
+from clbench.features.backbones import BackbonePool
 from clbench.data import ImageStore, SampleSet, load_category
 from methods.base import MethodContext, TaskData
 from methods.stfpm import STFPM, layer_distances, stfpm_loss

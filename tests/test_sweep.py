@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clbench.config import ConfigError
+from clbench.engine.config import ConfigError
 from clbench.sweep import (Cell, CellResult, LocalExecutor, RayExecutor, add_sweep_parser, available_cores, expand,
                            is_complete, load_spec, run_sweep, spec_from_mapping)
 
@@ -211,7 +211,7 @@ def test_report_of_a_real_sweep(finished_sweep) -> None:
     import numpy as np
     import pandas as pd
 
-    from clbench.report import build_report
+    from clbench.reporting.report import build_report
 
     _, outcome, _ = finished_sweep
     report = build_report(outcome.sweep_dir)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clbench import synth
+from clbench.data import synth
+from clbench.data.synth import catalogue, writer
 
 SIZE = 48
 SMALL = dict(size=SIZE, n_train=3, n_test_good=2, n_test_per_defect=2)
@@ -24,7 +25,7 @@ def _tree(root: Path) -> dict[str, str]:
 
 
 def _defects(name: str) -> tuple[str, ...]:
-    return synth._SPECS[name].defects
+    return catalogue._SPECS[name].defects
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_catalogue_is_complete_and_well_named() -> None:
     names = synth.CATEGORY_NAMES
     assert len(names) >= 15 and len(set(names)) == len(names)
     assert len(synth.GRAYSCALE_CATEGORIES) >= 3 and synth.GRAYSCALE_CATEGORIES < set(names)
-    kinds = {synth._SPECS[n].kind for n in names}
+    kinds = {catalogue._SPECS[n].kind for n in names}
     assert kinds == {"texture", "object"}
     for name in names:
         defects = _defects(name)
@@ -179,7 +180,7 @@ def test_existing_category_replaced_only_by_a_complete_one(tmp_path: Path, monke
     synth.synthesize(tmp_path, ["wood"], seed=0, **counts)  # claims the empty folder: wood is clbench's
     before = _tree(tmp_path)
     calls = {"n": 0}
-    real_save = synth._save_png
+    real_save = writer._save_png
 
     def failing_save(path: Path, pixels: np.ndarray, gray: bool) -> None:
         calls["n"] += 1
@@ -187,7 +188,7 @@ def test_existing_category_replaced_only_by_a_complete_one(tmp_path: Path, monke
             raise KeyboardInterrupt  # a run killed midway
         real_save(path, pixels, gray)
 
-    monkeypatch.setattr(synth, "_save_png", failing_save)
+    monkeypatch.setattr(writer, "_save_png", failing_save)
     with pytest.raises(KeyboardInterrupt):
         synth.generate(tmp_path, ["wood"], seed=1, **counts)
     assert _tree(tmp_path) == before  # old category intact, no staging left
@@ -195,7 +196,7 @@ def test_existing_category_replaced_only_by_a_complete_one(tmp_path: Path, monke
     with pytest.raises(KeyboardInterrupt):
         synth.generate(tmp_path, ["tile"], seed=0, **counts)
     assert sorted(p.name for p in tmp_path.iterdir()) == [synth.MARKER, "wood"]  # no half-written tile
-    monkeypatch.setattr(synth, "_save_png", real_save)
+    monkeypatch.setattr(writer, "_save_png", real_save)
     synth.generate(tmp_path, ["wood"], seed=1, **counts)
     after = _tree(tmp_path)
     assert after.keys() == before.keys() and after != before

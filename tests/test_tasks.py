@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from clbench.tasks import MVTEC_CATEGORIES, PAPER_ORDER, is_counted, normalize_spec, resolve_tasks
+from clbench.engine.tasks import MVTEC_CATEGORIES, PAPER_ORDER, is_counted, normalize_spec, resolve_tasks
 
 AVAILABLE = list(MVTEC_CATEGORIES)
 

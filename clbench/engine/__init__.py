@@ -1,0 +1,6 @@
+"""The engine: one run of a method on a task stream. ``config`` (the run config), ``tasks`` (task
+specs and presets), ``runner`` (the experiment: steps, evaluation, results, checkpoints, resume),
+``evaluation``, ``memory`` (memory accounting), ``environment`` (env.json), ``atomic`` (atomic file
+writes) and ``locks`` (one process per run folder).
+
+Nothing is imported here: ``clbench.engine.config`` stays light for the modules below the engine."""

@@ -1,0 +1,193 @@
+"""Sweep report: the cells of a sweep aggregated over seeds into tables and plots.
+
+``clbench report SWEEP_DIR`` reads every cell's run folder (``config.yaml``, ``env.json``,
+``metrics.csv``, ``memory.csv``, ``summary.json``) and writes ``SWEEP_DIR/report/``:
+
+* ``runs.csv``   every row of every cell's ``metrics.csv`` plus the cell's parameters (tidy);
+* ``cells.csv``  one row per cell: parameters, status, ACC/BWT/FM per metric, final memory;
+* ``summary.csv`` / ``summary.md`` / ``summary.html``: per (method, strategy, buffer_size, and any
+  other grid key that varies) the mean and sample standard deviation (n - 1) over seeds;
+* ``plots/``     final ACC, FM and memory vs replay buffer size (one line per method, bands =
+  +- std over seeds; sequential and joint as horizontal lower/upper-bound lines) and the
+  accuracy-matrix heatmap of each group averaged over its seeds;
+* for a paper-profile sweep (``clbench reproduce``; cells carry ``paper_profile``), the paper's table
+  (``paper_table.md`` / ``.csv``, also at the top of ``summary.md|html``): rows pixel AUROC, image
+  AUROC, AUPRO, pixel F1, average forgetting (%), extra memory (MB), columns the methods, each entry
+  clbench's value (mean over seeds) beside the published figure and the difference. One function
+  (``paper_table``) builds it; markdown, HTML and the console only render it. A metric a run does not
+  have (older runs: pixel F1, relative forgetting) shows "n/a".
+
+ACC/BWT/FM are read from each cell's ``summary.json`` (the runner's numbers). Memory is the final
+step's ``method_state + replay_buffer`` bytes and the largest per-step ``peak_rss``. Cells that are
+not complete are listed as such and left out of the aggregates, with a warning.
+
+A complete cell's files are checked before they are used (``check_complete_cell``): ``metrics.csv``
+and ``memory.csv`` must be whole (no row cut mid-line), in the runner's columns, with every step
+``summary.json`` counts and every (metric, task) of each step, and the final step must give the
+summary's ACC. A cell that fails is *damaged*: one warning line naming the problem, listed in the
+report, left out of ``runs.csv`` and the aggregates. Cells written by another clbench version
+(``env.json``'s package version) are kept, with one warning line per version; a ``sweep.yaml`` of a
+newer format is refused in one line. The report writes only into a new, empty or earlier report
+folder (marked ``.clbench-report``), never over a user's files, and reads no run folder outside the
+sweep folder.
+
+This module builds and writes the report; the cells are read and checked in ``cells``, the tables
+built and rendered in ``tables``, the plots drawn in ``sweep_plots`` and the paper's table in ``paper``.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from clbench import __version__ as CLBENCH_VERSION
+from clbench.engine import atomic
+from clbench.reporting.cells import CellInfo, load_cells
+from clbench.reporting.paper import PaperTable, paper_table, render_paper_html, render_paper_markdown
+from clbench.reporting.sweep_plots import write_plots
+from clbench.reporting.tables import cells_frame, render_html, render_markdown, runs_frame, summarize_cells
+
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+REPORT_DIR = "report"
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    files: list[Path]
+    summary: "pd.DataFrame"
+    cells: list[CellInfo]
+    markdown: str
+    paper: "PaperTable | None" = None
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------
+def _say_cells(sweep_dir: Path, cells: Sequence[CellInfo]) -> None:
+    """Warnings, one line each: every damaged cell with its problem, the unfinished ones together,
+    and cells written by another clbench version than this one (kept in the aggregates)."""
+    for cell in cells:
+        if cell.status == "damaged":
+            warnings.warn(f"{cell.name}: {cell.note}; left out of the aggregates", stacklevel=3)
+    missing = [c for c in cells if not c.complete]
+    if missing:
+        warnings.warn(f"{sweep_dir}: {len(missing)} of {len(cells)} cells not complete, left out of the aggregates: "
+                      + ", ".join(f"{c.name} ({c.status})" for c in missing), stacklevel=3)
+    versions: dict[str | None, list[str]] = {}
+    for cell in cells:
+        if cell.complete:
+            versions.setdefault(cell.version, []).append(cell.name)
+    known = {v for v in versions if v is not None}
+    if known - {CLBENCH_VERSION} or len(versions) > 1:
+        for version, names in versions.items():
+            if version != CLBENCH_VERSION:
+                what = f"clbench {version}" if version else "an unknown clbench version (no readable env.json)"
+                warnings.warn(f"{len(names)} cell(s) written by {what}, this is {CLBENCH_VERSION}: {', '.join(names)}; "
+                              "included, but compare their numbers with care", stacklevel=3)
+
+
+REPORT_MARKER = ".clbench-report"  # marks a folder the report wrote, so a re-run may overwrite it
+REPORT_FILES = ("runs.csv", "cells.csv", "summary.csv", "summary.md", "summary.html", "paper_table.md",
+                "paper_table.csv", "plots", REPORT_MARKER)
+
+
+def _check_output(out: Path) -> None:
+    """Refuse, in one line, an output that is a file or a folder of someone else's: the report
+    overwrites its own files (summary.md, plots/...) and must never overwrite a user's."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file, not a folder; give the report another --output")
+    if not out.is_dir():
+        return
+    try:
+        names = {p.name for p in out.iterdir()}
+    except OSError as err:
+        raise ValueError(f"{out}: cannot read the report folder ({err.strerror or err})") from None
+    names -= {n for n in names if n.startswith(".") and n.endswith(".tmp")}
+    earlier = {"runs.csv", "cells.csv", "summary.csv"} <= names and names <= set(REPORT_FILES)
+    if names and REPORT_MARKER not in names and not earlier:
+        raise ValueError(f"{out}: exists and is not a clbench report folder (it holds {sorted(names)[0]!r}, ...); "
+                         "give the report a new or empty --output")
+
+
+def build_report(sweep_dir: str | Path, metric: str = "pixel_auroc", out_dir: str | Path | None = None) -> Report:
+    """Aggregate a sweep's cells; write CSVs, markdown, HTML and plots to ``<sweep_dir>/report``.
+
+    Everything is read and checked before anything is written; a write that fails (full disk,
+    permissions) is one line naming the folder."""
+    sweep_dir = Path(sweep_dir)
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise ValueError(f"{sweep_dir}: is a file, not a sweep folder")
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir}: sweep folder not found")
+    out = Path(out_dir) if out_dir is not None else sweep_dir / REPORT_DIR
+    cells, extras, name = load_cells(sweep_dir)
+    _say_cells(sweep_dir, cells)
+    available = sorted({m for c in cells if c.complete for m in (c.summary.get("metrics") or {})})
+    if available and metric not in available:
+        raise ValueError(f"--metric: '{metric}' is not in the runs' summaries (available: {', '.join(available)})")
+    _check_output(out)
+    try:
+        return _write_report(out, name, cells, extras, metric)
+    except OSError as err:
+        raise ValueError(f"{out}: cannot write the report ({err.strerror or err})") from None
+
+
+def _write_report(out: Path, name: str, cells: list[CellInfo], extras: list[str], metric: str) -> Report:
+    atomic.write_text(out / REPORT_MARKER, f"written by clbench {CLBENCH_VERSION} report\n")
+    files = [atomic.write_csv(out / "runs.csv", runs_frame(cells, extras))]
+    per_cell = cells_frame(cells, extras)
+    files.append(atomic.write_csv(out / "cells.csv", per_cell))
+    summary = summarize_cells(per_cell, extras)
+    files.append(atomic.write_csv(out / "summary.csv", summary))
+    plots = write_plots(name, summary, cells, extras, metric, out / "plots") if len(summary) else []
+    markdown = render_markdown(name, summary, cells, extras, metric, plots, out)
+    page = render_html(name, summary, cells, extras, metric, plots, out)
+    paper = paper_table(cells)
+    if paper is not None:
+        paper_md = render_paper_markdown(paper)
+        files.append(atomic.write_text(out / "paper_table.md", paper_md))
+        files.append(atomic.write_csv(out / "paper_table.csv", paper.frame()))
+        head, _, rest = markdown.partition("\n\n")
+        markdown = f"{head}\n\n{paper_md}\n{rest}"
+        page = page.replace("</p>\n", "</p>\n" + render_paper_html(paper) + "\n", 1)
+    files.append(atomic.write_text(out / "summary.md", markdown))
+    files.append(atomic.write_text(out / "summary.html", page))
+    return Report(out, files + plots, summary, cells, markdown, paper)
+
+
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "report",
+        help="aggregate a sweep's runs: tables (csv, md, html) and plots",
+        description="Aggregate every cell of a sweep over seeds (mean ± std of ACC, BWT, FM, memory) into "
+                    "SWEEP_DIR/report/: runs.csv, cells.csv, summary.csv/.md/.html and plots/.",
+    )
+    p.add_argument("sweep_dir", type=Path, help="the sweep folder (<output_dir>/<name>, with sweep.yaml)")
+    p.add_argument("--metric", default="pixel_auroc", help="headline metric of tables and plots (default: pixel_auroc)")
+    p.add_argument("--output", dest="out_dir", type=Path, help="report folder (default: SWEEP_DIR/report)")
+    p.set_defaults(func=cmd_report)
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Warnings first (one line each: a damaged cell is never buried below the tables), then the
+    markdown, then what was written."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = build_report(args.sweep_dir, args.metric, args.out_dir)
+    for warning in caught:
+        print(f"warning: {warning.message}")
+    print(report.markdown)
+    damaged = sum(c.status == "damaged" for c in report.cells)
+    print(f"wrote {len(report.files)} files to {report.out_dir}"
+          + (f"; {damaged} damaged cell(s) left out (see the warnings above)" if damaged else ""))
+    if report.summary.empty:
+        print("no complete cells: nothing to aggregate")
+        return 1
+    return 0

@@ -1,0 +1,217 @@
+"""The report's tables: ``runs.csv`` and ``cells.csv`` frames, the per-group summary (mean and sample
+std over seeds), and its markdown and HTML renderings."""
+from __future__ import annotations
+
+import html
+import math
+import numbers
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from clbench.reporting.cells import STATS, CellInfo, _cell_values, _started_rows
+
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+METRICS = ("pixel_auroc", "image_auroc", "pixel_aupro")
+PARAMS = ("method", "strategy", "buffer_size", "seed", "task_order", "backbone", "pretrained")
+GROUP = ("method", "strategy", "buffer_size", "task_order", "backbone", "pretrained")
+MEMORY = ("memory_mb", "method_state_mb", "replay_buffer_mb", "peak_rss_mb")
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------
+def runs_frame(cells: Sequence[CellInfo], extras: Sequence[str]) -> "pd.DataFrame":
+    """Every metrics.csv row of every started cell, with the cell's parameters as columns
+    (damaged cells left out: they are listed in cells.csv with their problem)."""
+    import pandas as pd
+
+    frames = []
+    for cell in cells:
+        frame = _started_rows(cell)
+        if frame is None:
+            continue
+        front = {"cell": cell.name, **{k: cell.params[k] for k in (*PARAMS, *extras)}, "complete": cell.complete}
+        for i, (key, value) in enumerate(front.items()):
+            frame.insert(i, key, value)
+        frames.append(frame)
+    columns = ["cell", *PARAMS, *extras, "complete", "step", "trained_task", "eval_task", "metric", "value"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def cells_frame(cells: Sequence[CellInfo], extras: Sequence[str]) -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = []
+    for cell in cells:
+        row: dict[str, Any] = {"cell": cell.name, **{k: cell.params[k] for k in (*PARAMS, *extras)},
+                               "status": cell.status, "note": cell.note, "clbench_version": cell.version or "unknown"}
+        if cell.complete:
+            row.update(_cell_values(cell))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _natural(value: Any) -> tuple[int, float, str]:
+    """Sort key: numbers by value before text (8 < 16)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def _strategy_rank(strategy: str) -> int:
+    return {"sequential": 0, "joint": 2}.get(strategy, 1)
+
+
+def summarize_cells(cells: "pd.DataFrame", extras: Sequence[str]) -> "pd.DataFrame":
+    """Mean and sample std (n - 1) over seeds per group of complete cells."""
+    import pandas as pd
+
+    group = [*GROUP, *extras]
+    done = cells[cells["status"] == "complete"]
+    values = [c for c in [f"{m}_{s}" for m in _metrics_in(done) for s in STATS] + list(MEMORY) if c in done.columns]
+    if done.empty:
+        return pd.DataFrame(columns=[*group, "n_seeds", "seeds"])
+    grouped = done.groupby(group, dropna=False, sort=False)
+    out = grouped.size().rename("n_seeds").to_frame()
+    out["seeds"] = grouped["seed"].agg(lambda s: " ".join(str(v) for v in sorted(s)))
+    mean = grouped[values].mean()
+    std = grouped[values].std(ddof=1)
+    for column in values:
+        out[f"{column}_mean"] = mean[column]
+        out[f"{column}_std"] = std[column]
+    out = out.reset_index()
+    order = sorted(range(len(out)), key=lambda i: (str(out.loc[i, "method"]), _strategy_rank(out.loc[i, "strategy"]),
+                                                   str(out.loc[i, "strategy"]), int(out.loc[i, "buffer_size"]),
+                                                   *[_natural(out.loc[i, k]) for k in group[3:]]))
+    return out.iloc[order].reset_index(drop=True)
+
+
+def _metrics_in(frame: "pd.DataFrame") -> list[str]:
+    found = [c[: -len("_acc")] for c in frame.columns if c.endswith("_acc")]
+    return [m for m in METRICS if m in found] + sorted(m for m in found if m not in METRICS)
+
+
+def _table_metrics(summary: "pd.DataFrame", metric: str) -> list[str]:
+    """The headline metric, then the standard ones, that the summary has."""
+    return [m for m in dict.fromkeys([metric, *METRICS]) if f"{m}_acc_mean" in summary.columns]
+
+
+def _varying(summary: "pd.DataFrame", columns: Sequence[str]) -> list[str]:
+    """Columns that tell cells of the same method apart. A key that only differs between methods
+    (a method-specific setting such as PatchCore's budget) is implied by the method column."""
+    def varies(column: str) -> bool:
+        values = summary[column].astype(str)
+        if "method" in summary.columns:
+            return bool((values.groupby(summary["method"]).nunique() > 1).any())
+        return values.nunique() > 1
+
+    return [c for c in columns if c in summary.columns and varies(c)]
+
+
+def _fmt(mean: float, std: float, digits: int = 3, signed: bool = False) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    if std is not None and math.isfinite(std):
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    """A pipe table padded to column width, so it reads in a terminal as well as rendered."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+
+    rule = "| " + " | ".join(("-" * (w - 1) + ":") if r else "-" * w for w, r in zip(widths, right)) + " |"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def _table(summary: "pd.DataFrame", metric: str, keys: Sequence[str], memory: bool) -> tuple[list[str], list[list[str]], list[bool]]:
+    headers = [("buffer" if k == "buffer_size" else k) for k in keys] + ["seeds", "ACC", "BWT", "FM"]
+    right = [k == "buffer_size" for k in keys] + [True, False, False, False]
+    if memory:
+        headers += ["memory MB", "peak RSS MB"]
+        right += [True, True]
+    rows = []
+    for _, r in summary.iterrows():
+        row = [str(r[k]) for k in keys] + [str(int(r["n_seeds"]))]
+        for stat in STATS:
+            row.append(_fmt(r.get(f"{metric}_{stat}_mean"), r.get(f"{metric}_{stat}_std"), signed=stat == "bwt"))
+        if memory:
+            row.append(_fmt(r.get("memory_mb_mean"), r.get("memory_mb_std"), digits=1))
+            row.append(_fmt(r.get("peak_rss_mb_mean"), r.get("peak_rss_mb_std"), digits=0))
+        rows.append(row)
+    return headers, rows, right
+
+
+def _common(summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str]) -> str:
+    parts = []
+    for key in ("backbone", "pretrained", "task_order", *extras):
+        values = summary[key].astype(str).unique() if key in summary.columns and len(summary) else []
+        if len(values) == 1 and key == "pretrained":
+            parts.append({"True": "pretrained", "False": "random-init"}.get(values[0], "weights unknown"))
+        elif len(values) == 1:
+            parts.append(f"{key} {values[0]}")
+    orders = {tuple(c.tasks) for c in cells if c.complete}
+    if len(orders) == 1:
+        parts.append("tasks " + ", ".join(next(iter(orders))))
+    return " · ".join(parts)
+
+
+def render_markdown(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str],
+                    metric: str, plots: Sequence[Path], out_dir: Path) -> str:
+    keys = ["method", "strategy", "buffer_size", *_varying(summary, [*GROUP[3:], *extras])]
+    complete = sum(c.complete for c in cells)
+    lines = [f"# Sweep report: {name}", "",
+             f"{complete} of {len(cells)} cells complete · mean ± std over seeds (sample std, n−1) · "
+             "memory = final method state + replay buffer, MB = 10^6 bytes · peak RSS = largest per-step peak", ""]
+    common = _common(summary, cells, extras)
+    if common:
+        lines += [f"common: {common}", ""]
+    for m in _table_metrics(summary, metric):
+        lines += [f"## {m}" + (" (headline)" if m == metric else ""), ""]
+        lines += [markdown_table(*_table(summary, m, keys, memory=m == metric)), ""]
+    missing = [c for c in cells if not c.complete]
+    if missing:
+        lines += ["## Cells left out (not complete or damaged)", ""]
+        lines += [f"- {c.name}: {c.status}" + (f" — {c.note}" if c.note else "") for c in missing] + [""]
+    if plots:
+        lines += ["## Plots", ""] + [f"- {p.relative_to(out_dir)}" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def render_html(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str],
+                metric: str, plots: Sequence[Path], out_dir: Path) -> str:
+    import pandas as pd
+
+    keys = ["method", "strategy", "buffer_size", *_varying(summary, [*GROUP[3:], *extras])]
+    complete = sum(c.complete for c in cells)
+    parts = [f"<h1>Sweep report: {html.escape(name)}</h1>",
+             f"<p>{complete} of {len(cells)} cells complete · mean ± std over seeds (sample std, n−1) · memory = final "
+             "method state + replay buffer, MB = 10<sup>6</sup> bytes · peak RSS = largest per-step peak</p>"]
+    common = _common(summary, cells, extras)
+    if common:
+        parts.append(f"<p>common: {html.escape(common)}</p>")
+    for m in _table_metrics(summary, metric):
+        headers, rows, _ = _table(summary, m, keys, memory=m == metric)
+        parts.append(f"<h2>{html.escape(m)}</h2>")
+        parts.append(pd.DataFrame(rows, columns=headers).to_html(index=False, escape=True, border=0))
+    missing = [c for c in cells if not c.complete]
+    if missing:
+        parts.append("<h2>Cells left out (not complete or damaged)</h2><ul>")
+        parts += [f"<li>{html.escape(c.name)}: {html.escape(c.status)}{(' — ' + html.escape(c.note)) if c.note else ''}</li>"
+                  for c in missing]
+        parts.append("</ul>")
+    if plots:
+        parts.append("<h2>Plots</h2>")
+        parts += [f'<p><img src="{html.escape(str(p.relative_to(out_dir)))}" alt="{html.escape(p.name)}"></p>' for p in plots]
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
+             "th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}th{background:#f3f3f3}"
+             "img{max-width:100%}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(name)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

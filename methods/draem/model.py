@@ -1,0 +1,233 @@
+"""DRAEM, continual: a reconstructive and a discriminative network trained on simulated anomalies,
+fine-tuned task after task (seed 003, section 1.6; Zavrtanik et al. 2021).
+
+No frozen backbone. Images in [0, 1] (``batch.pixels / 255``, not ImageNet-normalised, as DRAEM).
+
+* Reconstructive sub-network: DRAEM's encoder-decoder (5 conv blocks, 4 max-pools, bilinear
+  up-sampling, no skip connections), base width ``base_width`` (128 in DRAEM: 69.0 M parameters).
+* Discriminative sub-network: DRAEM's U-Net (6 blocks, 5 max-pools, skip connections) on the
+  channel-wise concatenation of the (augmented) input and its reconstruction, base width
+  ``disc_base_width`` (64 in DRAEM: 28.4 M parameters); 2 output channels (normal / anomalous).
+  Inputs whose side is not a multiple of 32 are replicate-padded up to one and the outputs cropped.
+* Simulated anomalies (``methods.draem.simulator``): with probability ``p_rotate`` = 0.3 a *normal* training
+  image is first rotated by an angle uniform in [-90, 90] degrees (DRAEM's ``MVTecDRAEMTrainDataset``
+  and the benchmark paper's copy of it: ``torch.rand(1) > 0.7`` then imgaug ``Affine(rotate=(-90,
+  90))``; bilinear, corners filled with 0 = black, imgaug's default), so the rotated image is both
+  the simulator's input and the reconstruction target. Then with probability 0.5 an image gets a
+  Perlin mask (threshold 0.5, 2^[0..5] lattice cells at 256 px, rotated) filled with an
+  anomaly-source texture blended with opacity beta ~ U[0.1, 1.0) (DRAEM paper, anomalib; DRAEM's
+  code: (0.2, 1.0], ``beta=[0.2, 1.0]``). Anomaly source: the images of the folder
+  ``anomaly_source`` when given (DTD in the paper), otherwise a deterministic *procedural* texture
+  fallback (coloured fractal Perlin noise, stripes, checkerboards, Perlin blobs with random colours);
+  ``fit_info["anomaly_source_procedural"]`` records which (1.0 = procedural). The simulator and the
+  rotation draw from generators seeded per step, epoch and batch (``data.seed``; the rotation has its
+  own stream, so ``p_rotate=0`` leaves the simulated anomalies as they were), so a resumed run
+  reproduces the uninterrupted one. anomalib 2.7.0 does not rotate the normal images.
+* Sub-network input: the concatenation (input, reconstruction), anomalib's channel order; DRAEM's
+  code concatenates (reconstruction, input) - equivalent for a network trained from scratch, it only
+  matters for loading DRAEM's released weights (swap the first conv's input channels).
+* Loss: l2(I, I_r) + lambda * (1 - SSIM(I, I_r)) + Focal(M_a, M) with lambda = 1 (DRAEM's code;
+  anomalib's 2 * kornia SSIMLoss is the same). SSIM with an 11x11 Gaussian window (sigma 1.5,
+  C1 = 0.01^2, C2 = 0.03^2, data range 1), ``ssim_padding="zeros"`` as DRAEM's ``SSIM``
+  (``F.conv2d`` zero padding); ``"reflect"`` is kornia's (anomalib's) border, equal in the interior.
+  (DRAEM's SSIM guesses its data range from the reconstruction - 2 when it dips below -0.5, 255 above
+  128 - a quirk not copied.) Focal loss on the softmax of the 2-channel output, gamma = 2, every
+  pixel weighted ``focal_alpha`` = 1, mean over pixels, label smoothing ``focal_smooth`` = 1e-5:
+  DRAEM's ``FocalLoss()`` (alpha None); ``focal_smooth=0`` is kornia's ``focal_loss(alpha=None)``
+  summed and divided by the pixel count. anomalib 2.7.0's ``kornia.losses.FocalLoss(alpha=1)``
+  means something else under kornia >= 0.7.1: class 0 weighted 1 - alpha = 0 and the mean taken over
+  both channels, i.e. half the focal term of the *anomalous* pixels only, normal pixels never
+  contribute. Not followed (tests/test_parity_draem.py).
+* Optimiser: Adam, lr 1e-4 (DRAEM), ``optimizer_state`` reset (default: a fresh optimiser per task,
+  the weights and BatchNorm statistics carried over) or keep (one Adam for the stream, the paper's
+  code); DRAEM's MultiStepLR (x0.2 at 80 % and 90 % of the task's epochs), built per task, so each
+  task starts again at lr 1e-4. (The paper's code builds its scheduler once for the stream: after
+  epoch 45 of the first task every later task trains at 4e-6; not reproduced.) 50 epochs per task,
+  batch 4 (+4 replay) as seed 003. No early stopping (DRAEM has none; its loss depends on random
+  simulated anomalies).
+* Map = softmax anomaly channel of the discriminative output at input size; image score = max of the
+  map mean-filtered with an sf x sf box (seed 003 section 1.6.3, DRAEM: sf = 21 at 256 px; anomalib
+  takes the plain max of the map, which is ``mean_filter=1``). ``mean_filter=None`` scales it
+  with the image: sf = the odd integer nearest to 21 * image_size / 256 (at least 1): 19 at 224 px,
+  5 at 64 px, 3 at 32 px; the box is zero-padded (``avg_pool2d``, as DRAEM's code).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from clbench.data import Batch
+from clbench.features.maps import finite_or_raise
+from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
+from methods.draem.losses import SSIM_PADDINGS, draem_loss_terms
+from methods.draem.networks import DiscriminativeNetwork, ReconstructiveNetwork, init_weights
+from methods.draem.simulator import AnomalySource, rotate_normal_images, synthesize_anomalies
+
+
+DRAEM_SIZE, DRAEM_FILTER = 256, 21
+ROTATION_STREAM = 1 << 62  # offset of the rotation generator's seed from the simulator's
+
+
+def draem_filter_size(image_size: int) -> int:
+    """DRAEM's 21 px mean filter at 256 px, scaled to the image size and kept odd."""
+    scaled = DRAEM_FILTER * image_size / DRAEM_SIZE
+    return max(1, 2 * int(math.floor((scaled - 1) / 2 + 0.5)) + 1)
+
+
+@METHODS.register("draem")
+class DRAEM(AnomalyMethod):
+    hyperparameters = {
+        "base_width": 128,
+        "disc_base_width": 64,
+        "anomaly_source": None,  # folder of texture images (e.g. DTD); None: procedural textures
+        "p_anomalous": 0.5,
+        "beta": [0.1, 1.0],
+        "perlin_threshold": 0.5,
+        "perlin_min_scale": 0,
+        "perlin_max_scale": None,  # None: 6 at 256 px, cells never under 4 px (see methods.draem.simulator)
+        "ssim_weight": 1.0,
+        "ssim_window": 11,
+        "focal_gamma": 2.0,
+        "ssim_padding": "zeros",  # DRAEM's; "reflect": kornia's (anomalib's)
+        "focal_alpha": 1.0,
+        "focal_smooth": 1e-5,  # DRAEM's FocalLoss label smoothing; 0: plain focal loss
+        "p_rotate": 0.3,  # DRAEM rotates 30 % of the normal training images
+        "rotate_degrees": 90.0,  # by an angle uniform in [-90, 90]
+        "mean_filter": None,  # None: 21 at 256 px scaled with the image size (odd)
+        "epochs": 50,
+        "batch_size": 4,
+        "lr": 1e-4,
+        "lr_milestones": [0.8, 0.9],  # fractions of the task's epochs (DRAEM)
+        "lr_gamma": 0.2,
+        "optimizer_state": "reset",  # reset | keep (see AnomalyMethod.task_optimiser)
+    }
+
+    def __init__(self, context: MethodContext, **params: Any) -> None:
+        super().__init__(context, **params)
+        p = self.params
+        for key in ("base_width", "disc_base_width"):
+            if not (isinstance(p[key], int) and p[key] > 0):
+                raise ValueError(f"method_params: {key} must be a positive integer, got {p[key]!r}")
+        if p["ssim_padding"] not in SSIM_PADDINGS:
+            raise ValueError(f"method_params: ssim_padding '{p['ssim_padding']}' is not one of {', '.join(SSIM_PADDINGS)}")
+        if not (isinstance(p["p_rotate"], (int, float)) and 0 <= p["p_rotate"] <= 1):
+            raise ValueError(f"method_params: p_rotate must be in [0, 1], got {p['p_rotate']!r}")
+        if not (isinstance(p["rotate_degrees"], (int, float)) and 0 <= p["rotate_degrees"] <= 180):
+            raise ValueError(f"method_params: rotate_degrees must be in [0, 180], got {p['rotate_degrees']!r}")
+        if not (isinstance(p["focal_smooth"], (int, float)) and 0 <= p["focal_smooth"] < 0.5):
+            raise ValueError(f"method_params: focal_smooth must be in [0, 0.5), got {p['focal_smooth']!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(context.seed)
+            self.reconstructive = ReconstructiveNetwork(p["base_width"])
+            self.discriminative = DiscriminativeNetwork(p["disc_base_width"])
+            self.apply(init_weights)
+        self.source = AnomalySource(p["anomaly_source"], context.image_size)
+        size = p["mean_filter"] if p["mean_filter"] is not None else draem_filter_size(context.image_size)
+        if not (isinstance(size, int) and size >= 1 and size % 2 == 1):
+            raise ValueError(f"method_params: mean_filter must be an odd positive integer, got {size!r}")
+        self.filter_size = size
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction and 2-channel logits of (B, 3, H, W) images in [0, 1]."""
+        h, w = images.shape[-2:]
+        ph, pw = (-h) % 32, (-w) % 32
+        x = F.pad(images, (0, pw, 0, ph), mode="replicate") if ph or pw else images
+        reconstruction = self.reconstructive(x)
+        logits = self.discriminative(torch.cat([x, reconstruction], dim=1))
+        return reconstruction[..., :h, :w], logits[..., :h, :w]
+
+    def loss(self, images: torch.Tensor, reconstruction: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        terms = draem_loss_terms(
+            images, reconstruction, logits, masks, ssim_weight=p["ssim_weight"], ssim_window=p["ssim_window"],
+            ssim_padding=p["ssim_padding"], focal_gamma=p["focal_gamma"], focal_alpha=p["focal_alpha"],
+            focal_smooth=p["focal_smooth"],
+        )
+        return terms["l2"] + terms["ssim"] + terms["focal"]
+
+    def _images(self, batch: Batch) -> torch.Tensor:
+        return batch.pixels.to(self.context.device).float() / 255
+
+    # -- learning --------------------------------------------------------------------------------
+    def fit_task(self, data: TaskData) -> None:
+        p = self.params
+        device = self.context.device
+        optimiser = self.task_optimiser(lambda: torch.optim.Adam(self.parameters(), lr=p["lr"]))
+        epochs = self.num_epochs(p["epochs"])
+        milestones = sorted({int(f * epochs) for f in p["lr_milestones"]} - {0})
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=milestones, gamma=p["lr_gamma"])
+        first_loss = last_loss = math.nan
+        anomalous = synthetic = rotated = 0.0
+        n_images = 0
+        for epoch in range(epochs):
+            self.train()
+            total, count = 0.0, 0
+            for index, batch in enumerate(data.train.batches(p["batch_size"], shuffle=True, seed=data.seed * 1000 + epoch)):
+                seed = data.seed * 1_000_003 + epoch * 100_003 + index
+                pixels, angles = rotate_normal_images(
+                    batch.pixels, torch.Generator().manual_seed(ROTATION_STREAM + seed), p=p["p_rotate"], degrees=p["rotate_degrees"]
+                )
+                generator = torch.Generator().manual_seed(seed)
+                clean = pixels.float() / 255
+                augmented, masks = synthesize_anomalies(
+                    clean, self.source, generator, p_anomalous=p["p_anomalous"], beta=tuple(p["beta"]),
+                    threshold=p["perlin_threshold"], min_scale=p["perlin_min_scale"], max_scale=p["perlin_max_scale"],
+                )
+                clean, augmented, masks = clean.to(device), augmented.to(device), masks.to(device)
+                reconstruction, logits = self(augmented)
+                loss = self.loss(clean, reconstruction, logits, masks)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"DRAEM: non-finite training loss at epoch {epoch} of {data.task_names}")
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += loss.item() * len(batch)
+                count += len(batch)
+                anomalous += float((masks.flatten(1).amax(1) > 0).sum())
+                synthetic += float(masks.mean()) * len(batch)
+                rotated += float((~angles.isnan()).sum())
+                n_images += len(batch)
+            scheduler.step()
+            last_loss = total / count
+            first_loss = last_loss if epoch == 0 else first_loss
+        self.eval()
+        self.fit_info = {
+            "epochs_run": epochs, "epochs_max": epochs,
+            "train_loss_first": first_loss, "train_loss_last": last_loss,
+            "anomaly_source_procedural": float(self.source.procedural),
+            "anomaly_source_images": float(len(self.source.paths)),
+            "synthetic_anomalous_fraction": anomalous / max(n_images, 1),  # images with a non-empty mask
+            "synthetic_mask_fraction": synthetic / max(n_images, 1),  # mean masked pixel fraction
+            "rotated_fraction": rotated / max(n_images, 1),  # normal images rotated before the simulation
+        }
+
+    # -- scoring ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Prediction:
+        self.eval()
+        _, logits = self(self._images(batch))
+        maps = torch.softmax(logits, dim=1)[:, 1]
+        smoothed = F.avg_pool2d(maps.unsqueeze(1), self.filter_size, stride=1, padding=self.filter_size // 2)
+        maps = finite_or_raise(maps, "DRAEM").float().cpu()
+        return Prediction(maps=maps, scores=smoothed.flatten(1).amax(dim=1).float().cpu())
+
+    # -- analytic memory -------------------------------------------------------------------------
+    @classmethod
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
+        """DRAEM keeps no state besides its networks: fp32 parameters plus BatchNorm statistics
+        (counted where ``memory_components`` counts them: with the trainable networks)."""
+        p = cls.resolve_params(params)
+        with torch.device("meta"):
+            networks = {
+                "reconstructive": ReconstructiveNetwork(p["base_width"]),
+                "discriminative": DiscriminativeNetwork(p["disc_base_width"]),
+            }
+        out = {"method_state": 0}
+        for name, net in networks.items():
+            tensors = list(net.parameters()) + list(net.buffers())
+            out[f"model_trainable/{name}"] = sum(t.numel() * t.element_size() for t in tensors)
+        return out
