@@ -111,6 +111,7 @@ def _add_run_parser(sub) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from clbench.engine import config as config_mod
     from clbench.engine.runner import run_experiment
+    from clbench.engine.validation import validate_run
 
     overrides = {
         key: getattr(args, key)
@@ -122,30 +123,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = config_mod.load(args.config, overrides)
     config.method_params.update(_parse_params(args.param, "--param"))
     config.strategy_params.update(_parse_params(args.strategy_param, "--strategy-param"))
+    validate_run(config)  # every value, --param and --strategy-param included: one line before anything is read
     run_dir = run_experiment(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     _print_run(run_dir)
     return 0
 
 
 def _print_run(run_dir: Path) -> None:
-    import json
-
     import pandas as pd
 
-    from clbench.reporting.plots import METRICS_COLUMNS, accuracy_matrix, read_csv_texts
+    from clbench.engine.rundir import RunFolder
 
-    summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = read_csv_texts(run_dir / "metrics.csv", METRICS_COLUMNS)  # '01' stays '01'
+    folder = RunFolder(run_dir)
+    summary = folder.summary()
     print(f"\nrun: {run_dir}")
     print("pixel AUROC (rows: after training step; columns: evaluated task)")
     with pd.option_context("display.width", 200, "display.max_columns", 50):
-        print(accuracy_matrix(metrics, "pixel_auroc", summary["tasks"]).round(3).to_string())
+        print(folder.accuracy_matrix("pixel_auroc", summary.get("tasks")).round(3).to_string())
     for metric in ("pixel_auroc", "image_auroc", "pixel_aupro"):
-        values = summary["metrics"].get(metric)
+        values = (summary.get("metrics") or {}).get(metric)
         if values:
             acc, bwt, fm = _number(values.get("acc"), ".3f"), _number(values.get("bwt"), "+.3f"), _number(values.get("fm"), ".3f")
             print(f"{metric:12s} ACC {acc}  BWT {bwt}  FM {fm}")
-    print(f"plots: {run_dir / 'plots'}")
+    print(f"plots: {folder.plots_dir}")
 
 
 def _number(value: Any, spec: str) -> str:

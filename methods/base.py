@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from clbench.features.backbones import BackbonePool, FrozenBackbone
+from clbench.params import Options, Parameterised
 from clbench.data import Batch, SampleSet
 from clbench.registry import Registry
 
@@ -54,6 +55,9 @@ class TaskData:
     train: TrainStream
     val: SampleSet  # held-out good *training* images of these tasks (early stopping, normalisation)
     seed: int = 0  # seed for this step's shuffling and initialisation
+    # the strategy's hooks into the training loop (``methods.training.Callback``: e.g. a regularisation
+    # strategy's penalty added to the loss); gradient-trained methods run them, others ignore them
+    callbacks: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -76,35 +80,29 @@ class MethodContext:
 OPTIMIZER_STATES = ("reset", "keep")
 
 
-class AnomalyMethod(nn.Module, ABC):
-    """Base class of every method. Hyper-parameters are declared with their defaults in
-    ``hyperparameters``; ``__init__`` only stores them and builds the modules (scikit-learn style)."""
+class AnomalyMethod(nn.Module, Parameterised, ABC):
+    """Base class of every method. Hyper-parameters are declared in ``hyperparameters``, each as
+    ``Param(default, constraint)`` (``clbench.params``): once the class exists, ``hyperparameters`` holds
+    the defaults and ``parameter_constraints`` what each allows; ``__init__`` only stores the checked
+    values and builds the modules (scikit-learn style)."""
 
     name: ClassVar[str]
+    params_key: ClassVar[str] = "method_params"
+    kind: ClassVar[str] = "method"
     hyperparameters: ClassVar[Mapping[str, Any]] = {}
+    # ``optimizer_state`` is interpreted here (``task_optimiser``): its constraint holds for every method
+    shared_constraints: ClassVar[Mapping[str, Any]] = {"optimizer_state": Options(*OPTIMIZER_STATES)}
 
     def __init__(self, context: MethodContext, **params: Any) -> None:
         super().__init__()
         self.context = context
-        self.params = self.resolve_params(params)
-        if self.params.get("optimizer_state", "reset") not in OPTIMIZER_STATES:
-            raise ValueError(
-                f"method_params: optimizer_state '{self.params['optimizer_state']}' is not one of {', '.join(OPTIMIZER_STATES)}"
-            )
+        self.params = self.resolve_params(params)  # unknown keys and values outside their constraints: one line
         self.fit_info: dict[str, float] = {}  # what the last fit_task did (epochs, losses): logged per step
+        # one record per epoch of the last fit_task ({"epoch": 0, "loss": .., "loss/<part>": .., "val_loss": ..,
+        # "lr": ..}): the engine logs it to training.csv with the epoch number (the trainer fills it)
+        self.epoch_log: list[dict[str, float]] = []
         self._kept_optimiser: torch.optim.Optimizer | None = None
         self._kept_optimiser_state: dict[str, Any] | None = None  # restored from a checkpoint, not yet applied
-
-    @classmethod
-    def resolve_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Defaults merged with ``params``; an unknown key is a one-line error naming it."""
-        unknown = sorted(set(params) - set(cls.hyperparameters))
-        if unknown:
-            known = ", ".join(sorted(cls.hyperparameters)) or "none"
-            raise ValueError(f"method_params: unknown key '{unknown[0]}' for method '{cls.name}' (known: {known})")
-        resolved = dict(cls.hyperparameters)
-        resolved.update(params)
-        return resolved
 
     # -- the interface -------------------------------------------------------------------------
     @abstractmethod

@@ -80,6 +80,7 @@ from torch import nn
 from clbench.features.backbones import feature_info
 from clbench.data import Batch
 from clbench.features.maps import finite_or_raise, gaussian_blur, upsample
+from clbench.params import BACKBONE, LAYERS, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Options, Param
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
 from methods.training import fit_epochs
 
@@ -142,34 +143,35 @@ def softmin_score(distances: torch.Tensor, k: int) -> torch.Tensor:
 @METHODS.register("cfa")
 class CFA(AnomalyMethod):
     hyperparameters = {
-        "backbone": "wide_resnet50_2",
-        "layers": ["layer1", "layer2", "layer3"],
-        "gamma_d": 1,  # descriptor output dims = input dims // gamma_d (CFA paper / anomalib default 1)
-        "k": 3,  # nearest memorised features attracted (and used for the score)
-        "j": 3,  # hard negatives repelled (the (K+1)..(K+J)-th nearest)
-        "alpha": 0.1,
-        "nu": 1e-3,
-        "radius": 1e-5,
-        "learn_radius": True,  # CFA / the paper's code train r; anomalib keeps it constant (False)
-        "weighting": "task",  # task (seed 003 Algorithm 3) | batch (the paper's code)
-        "epochs": 30,
-        "batch_size": 4,
-        "lr": 1e-3,
-        "weight_decay": 5e-4,
-        "patience": None,  # seed 003: 30 epochs, no early stopping; N: held-out early stopping
-        "sigma": 4.0,
-        "optimizer_state": "reset",  # reset | keep
+        "backbone": Param("wide_resnet50_2", BACKBONE),
+        "layers": Param(["layer1", "layer2", "layer3"], LAYERS),
+        # descriptor output dims = input dims // gamma_d (CFA paper / anomalib default 1); <= input dims (__init__)
+        "gamma_d": Param(1, POSITIVE_INT),
+        "k": Param(3, POSITIVE_INT),  # nearest memorised features attracted (and used for the score)
+        "j": Param(3, NON_NEGATIVE_INT),  # hard negatives repelled (the (K+1)..(K+J)-th nearest)
+        "alpha": Param(0.1, NON_NEGATIVE),
+        "nu": Param(1e-3, POSITIVE),
+        "radius": Param(1e-5, NON_NEGATIVE),
+        "learn_radius": Param(True, bool),  # CFA / the paper's code train r; anomalib keeps it constant (False)
+        "weighting": Param("task", Options(*WEIGHTINGS)),  # task (seed 003 Algorithm 3) | batch (the paper's code)
+        "epochs": Param(30, POSITIVE_INT),
+        "batch_size": Param(4, POSITIVE_INT),
+        "lr": Param(1e-3, NON_NEGATIVE),
+        "weight_decay": Param(5e-4, NON_NEGATIVE),
+        # seed 003: 30 epochs, no early stopping; N: held-out early stopping
+        "patience": Param(None, [None, POSITIVE_INT]),
+        "sigma": Param(4.0, NON_NEGATIVE),
+        "optimizer_state": "reset",  # reset | keep (its constraint: AnomalyMethod's)
     }
 
     def __init__(self, context: MethodContext, **params: Any) -> None:
         super().__init__(context, **params)
         p = self.params
-        if p["weighting"] not in WEIGHTINGS:
-            raise ValueError(f"method_params: weighting '{p['weighting']}' is not one of {', '.join(WEIGHTINGS)}")
         self.backbone = context.backbones.get(p["backbone"], p["layers"])
         in_dims = sum(self.backbone.channels)
-        if not (isinstance(p["gamma_d"], int) and 1 <= p["gamma_d"] <= in_dims):
-            raise ValueError(f"method_params: gamma_d must be an integer in 1..{in_dims}, got {p['gamma_d']!r}")
+        if p["gamma_d"] > in_dims:  # the backbone's channels: known once it is built
+            raise ValueError(f"method_params: gamma_d={p['gamma_d']!r} is not an integer in [1, {in_dims}] "
+                             f"(the channels of {p['backbone']}'s layers)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
             self.descriptor = PatchDescriptor(in_dims, in_dims // p["gamma_d"])

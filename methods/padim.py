@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from clbench.features.backbones import feature_info
 from clbench.data import Batch
 from clbench.features.maps import finite_or_raise, gaussian_blur, upsample
+from clbench.params import BACKBONE, LAYERS, NON_NEGATIVE, POSITIVE_INT, Options, Param
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
 
 # Channels kept after random reduction: PaDiM's 100 for ResNet18, seed 003's 350 for WRN50-2.
@@ -86,35 +87,30 @@ def merge_moments(
     return total, mean_a + delta * (count_b / total), scatter
 
 
-def check_choices(params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` itself, after a one-line error for an unknown ``average`` or ``image_score``."""
-    for key, choices in (("average", AVERAGES), ("image_score", IMAGE_SCORES)):
-        if params[key] not in choices:
-            raise ValueError(f"method_params: {key} '{params[key]}' is not one of {', '.join(choices)}")
-    return params
-
-
 @METHODS.register("padim")
 class PaDiM(AnomalyMethod):
     hyperparameters = {
-        "backbone": "resnet18",
-        "layers": ["layer1", "layer2", "layer3"],
-        "n_features": None,  # None: 100 for resnet18, 350 for wide_resnet50_2 (seed 003)
-        "epsilon": 0.01,  # PaDiM's; clad uses 0.04, anomalib 0.01 + 1e-5
-        "average": "covariance",  # continual update: covariance (seed 003) | precision (clad) | pooled
-        "image_score": "map",  # map: max of the smoothed map (anomalib) | patch: max patch distance (clad)
-        "sigma": 4.0,
-        "batch_size": 32,
+        "backbone": Param("resnet18", BACKBONE),
+        "layers": Param(["layer1", "layer2", "layer3"], LAYERS),
+        "n_features": Param(None, [None, POSITIVE_INT]),  # None: 100 for resnet18, 350 for wide_resnet50_2 (seed 003)
+        "epsilon": Param(0.01, NON_NEGATIVE),  # PaDiM's; clad uses 0.04, anomalib 0.01 + 1e-5
+        # continual update: covariance (seed 003) | precision (clad) | pooled
+        "average": Param("covariance", Options(*AVERAGES)),
+        # map: max of the smoothed map (anomalib) | patch: max patch distance (clad)
+        "image_score": Param("map", Options(*IMAGE_SCORES)),
+        "sigma": Param(4.0, NON_NEGATIVE),  # 0: no smoothing
+        "batch_size": Param(32, POSITIVE_INT),
     }
 
     def __init__(self, context: MethodContext, **params: Any) -> None:
         super().__init__(context, **params)
-        p = check_choices(self.params)
+        p = self.params
         self.backbone = context.backbones.get(p["backbone"], p["layers"])
         total = sum(self.backbone.channels)
         n_features = p["n_features"] or default_n_features(p["backbone"], total)
-        if not 0 < n_features <= total:
-            raise ValueError(f"method_params: n_features={n_features} must be in 1..{total} for {p['backbone']}")
+        if n_features > total:  # the backbone's channels: known once it is built
+            raise ValueError(f"method_params: n_features={n_features} is not an integer in [1, {total}] "
+                             f"(the channels of {p['backbone']}'s layers)")
         generator = torch.Generator().manual_seed(context.seed)
         index = torch.randperm(total, generator=generator)[:n_features].sort().values
         self.register_buffer("channel_index", index)
@@ -236,7 +232,7 @@ class PaDiM(AnomalyMethod):
         d = 350), the precision (``precision``) or the scatter (``pooled``). Where the persistent
         matrix is not the precision, the inverse used for scoring is a derived cache of that size,
         listed separately. Scalar counters and the channel index are left out."""
-        p = check_choices(cls.resolve_params(params))
+        p = cls.resolve_params(params)
         channels, reductions = feature_info(p["backbone"], p["layers"])
         d = p["n_features"] or default_n_features(p["backbone"], sum(channels))
         side = -(-image_size // reductions[0])

@@ -54,16 +54,11 @@ import torch.nn.functional as F
 from clbench.features.backbones import feature_info
 from clbench.features.coreset import coreset_indices
 from clbench.data import Batch
+from clbench.engine import seeding
 from clbench.features.knn import FlatL2Index
 from clbench.features.maps import finite_or_raise, gaussian_blur, upsample
+from clbench.params import BACKBONE, LAYERS, NON_NEGATIVE, POSITIVE_INT, Interval, Options, Param
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
-
-
-CHOICES = {
-    "score_weighting": ("softmax", "clad"),
-    "aggregation": ("padded", "clad"),
-    "upsample_mode": ("bilinear", "nearest"),
-}
 
 
 def patch_embedding(features: list[torch.Tensor], pool: int = 3, aggregation: str = "padded") -> torch.Tensor:
@@ -127,36 +122,29 @@ def neighbourhood(index: FlatL2Index, bank: torch.Tensor, centre: torch.Tensor, 
     return torch.cat([centre.unsqueeze(1), found.gather(1, others)], dim=1)
 
 
-def derived_seed(seed: int, bank: int) -> int:
-    """Distinct, reproducible coreset seed per (step seed, bank)."""
-    return (seed * 1_000_003 + bank) % (1 << 62)
-
-
 @METHODS.register("patchcore")
 class PatchCore(AnomalyMethod):
     hyperparameters = {
-        "backbone": "wide_resnet50_2",
-        "layers": ["layer2", "layer3"],
-        "budget": 30000,  # patches in memory over all tasks (seed 003)
-        "num_neighbors": 3,  # N_b(m*) of the score reweighting (seed 003: "3 nearest memorized neighbors")
-        "projection_eps": 0.9,  # JL distortion of the coreset's random projection; None: no projection
-        "score_weighting": "softmax",  # softmax: eq. 7 as anomalib | clad: the paper's code's variant
-        "aggregation": "padded",  # padded: AvgPool2d(3, 1, 1) + bilinear (anomalib) | clad: unpadded + adaptive
-        "upsample_mode": "bilinear",  # map upsampling: bilinear (PatchCore's and clad's code) | nearest (anomalib)
-        "sigma": 4.0,
-        "batch_size": 32,
+        "backbone": Param("wide_resnet50_2", BACKBONE),
+        "layers": Param(["layer2", "layer3"], LAYERS),
+        "budget": Param(30000, POSITIVE_INT),  # patches in memory over all tasks (seed 003); >= 1 per task (fit_task)
+        # N_b(m*) of the score reweighting (seed 003: "3 nearest memorized neighbors")
+        "num_neighbors": Param(3, POSITIVE_INT),
+        # JL distortion of the coreset's random projection; None: no projection
+        "projection_eps": Param(0.9, [None, Interval(float, 0, 1, closed="neither")]),
+        # softmax: eq. 7 as anomalib | clad: the paper's code's variant
+        "score_weighting": Param("softmax", Options("softmax", "clad")),
+        # padded: AvgPool2d(3, 1, 1) + bilinear (anomalib) | clad: unpadded + adaptive
+        "aggregation": Param("padded", Options("padded", "clad")),
+        # map upsampling: bilinear (PatchCore's and clad's code) | nearest (anomalib)
+        "upsample_mode": Param("bilinear", Options("bilinear", "nearest")),
+        "sigma": Param(4.0, NON_NEGATIVE),  # 0: no smoothing
+        "batch_size": Param(32, POSITIVE_INT),
     }
 
     def __init__(self, context: MethodContext, **params: Any) -> None:
         super().__init__(context, **params)
         p = self.params
-        if not isinstance(p["budget"], int) or p["budget"] < 1:
-            raise ValueError(f"method_params: budget must be a positive integer, got {p['budget']!r}")
-        if not isinstance(p["num_neighbors"], int) or p["num_neighbors"] < 1:
-            raise ValueError(f"method_params: num_neighbors must be a positive integer, got {p['num_neighbors']!r}")
-        for key, choices in CHOICES.items():
-            if p[key] not in choices:
-                raise ValueError(f"method_params: {key} '{p[key]}' is not one of {', '.join(choices)}")
         self.backbone = context.backbones.get(p["backbone"], p["layers"])
         dim = sum(self.backbone.channels)
         self.register_buffer("memory_bank", torch.empty(0, dim))
@@ -197,8 +185,8 @@ class PatchCore(AnomalyMethod):
         patches = self.task_patches(data).to(self.memory_bank.device)
         old = self.banks()
         targets = bank_targets([len(b) for b in old], patches.shape[0], self.params["budget"])
-        banks = [self.subsample(bank, size, derived_seed(data.seed, j)) for j, (bank, size) in enumerate(zip(old, targets))]
-        banks.append(self.subsample(patches, targets[-1], derived_seed(data.seed, len(old))))
+        banks = [self.subsample(bank, size, seeding.bank_seed(data.seed, j)) for j, (bank, size) in enumerate(zip(old, targets))]
+        banks.append(self.subsample(patches, targets[-1], seeding.bank_seed(data.seed, len(old))))
         del patches
         device = self.memory_bank.device
         self.memory_bank = torch.cat(banks).contiguous()

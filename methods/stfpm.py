@@ -36,12 +36,11 @@ import torch.nn.functional as F
 
 from clbench.features.backbones import trainable_feature_model
 from clbench.data import Batch
+from clbench.engine import seeding
 from clbench.features.maps import finite_or_raise, upsample
+from clbench.params import BACKBONE, LAYERS, NON_NEGATIVE, POSITIVE_INT, Param
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
 from methods.training import fit_epochs
-
-# The teacher is built from the run seed; the student from another one (see the module docstring).
-STUDENT_SEED_OFFSET = 1_000_003
 
 
 def layer_distances(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -59,22 +58,22 @@ def stfpm_loss(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torc
 @METHODS.register("stfpm")
 class STFPM(AnomalyMethod):
     hyperparameters = {
-        "backbone": "resnet18",
-        "layers": ["layer1", "layer2", "layer3"],
-        "batch_size": 8,
-        "epochs": 100,
-        "patience": 10,
-        "lr": 0.4,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,  # STFPM paper and the paper's code; anomalib 1e-3
-        "optimizer_state": "reset",  # reset | keep
+        "backbone": Param("resnet18", BACKBONE),
+        "layers": Param(["layer1", "layer2", "layer3"], LAYERS),
+        "batch_size": Param(8, POSITIVE_INT),
+        "epochs": Param(100, POSITIVE_INT),
+        "patience": Param(10, [None, POSITIVE_INT]),  # None: no early stopping
+        "lr": Param(0.4, NON_NEGATIVE),
+        "momentum": Param(0.9, NON_NEGATIVE),
+        "weight_decay": Param(1e-4, NON_NEGATIVE),  # STFPM paper and the paper's code; anomalib 1e-3
+        "optimizer_state": "reset",  # reset | keep (its constraint: AnomalyMethod's)
     }
 
     def __init__(self, context: MethodContext, **params: Any) -> None:
         super().__init__(context, **params)
         p = self.params
         self.teacher = context.backbones.get(p["backbone"], p["layers"])
-        self.student = trainable_feature_model(p["backbone"], p["layers"], seed=context.seed + STUDENT_SEED_OFFSET)
+        self.student = trainable_feature_model(p["backbone"], p["layers"], seed=seeding.student_seed(context.seed))
 
     def frozen_backbones(self):
         return [self.teacher]

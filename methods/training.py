@@ -1,23 +1,269 @@
-"""The gradient-training loop shared by trainable methods (STFPM, CFA, FastFlow, CAINNFlow).
+"""The one gradient-training loop: every trainable method (STFPM, CFA, FastFlow, CAINNFlow,
+EfficientAD, DRAEM) and EfficientAD's teacher distillation train through ``train_loop``.
 
-One place for: epochs over the step's stream (seeded shuffling, so a resumed run reproduces an
-uninterrupted one), a guard that stops on a non-finite loss, early stopping on the held-out *good
-training* images (``data.val``; never the test set) with the best weights restored, and the
-``fit_info`` record the engine logs to training.csv.
+The loop owns what every method needs the same way: epochs over the step's stream (seeded
+shuffling, ``seeding.epoch_seed``, so a resumed run reproduces an uninterrupted one), a loss made of
+named parts (a loss function returns a tensor or a dict of named tensors, summed in order), the
+optimiser and scheduler steps (per epoch or per iteration), a guard that stops on a non-finite
+loss, early stopping on the held-out *good training* images (``data.val``; never the test set) with
+the best state restored, one log record per epoch (``method.epoch_log``: "epoch", "loss",
+"loss/<part>", "val_loss" when measured, "lr"), and callbacks.
+
+A method supplies only what is its own: the loss, the optimiser, what makes a training batch (a
+``prepare`` function: DRAEM's anomaly simulation), its validation loss if it is not the training
+loss (EfficientAD), which modules train and whose state early stopping restores.
+
+Callbacks (``Callback``; Avalanche's plugins and Lightning's callbacks are the model) reach the
+loop through ``TaskData.callbacks``, which a strategy fills (``Strategy.callbacks``): a
+regularisation strategy adds a penalty to any gradient method's loss in ``before_backward``
+(``ctx.add_loss("ewc", penalty)``) without touching the method.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from clbench.data import Batch
+from clbench.engine import seeding
 from methods.base import AnomalyMethod, TaskData
 
-LossFn = Callable[[Batch], torch.Tensor]
+LossValue = torch.Tensor | Mapping[str, torch.Tensor]
+LossFn = Callable[[Any], LossValue]
+
+
+# -- hooks -------------------------------------------------------------------------------------
+class Callback:
+    """Hooks into the training loop; override the ones you need (each gets the loop's ``TrainContext``).
+
+    ``before_task``: before the first epoch. ``before_backward``: after the batch's loss, before its
+    backward pass; may add a named loss term (``ctx.add_loss``). ``after_epoch``: after the epoch's
+    record (``ctx.record``) is complete, validation included. ``after_task``: after training, the
+    best state restored (``ctx.result``).
+    """
+
+    def before_task(self, ctx: TrainContext) -> None:
+        """Called once before training (e.g. snapshot the weights a penalty anchors to)."""
+
+    def before_backward(self, ctx: TrainContext) -> None:
+        """Called for every batch with its loss (``ctx.loss``, ``ctx.parts``)."""
+
+    def after_epoch(self, ctx: TrainContext) -> None:
+        """Called after every epoch with its record (``ctx.record``)."""
+
+    def after_task(self, ctx: TrainContext) -> None:
+        """Called once after training (e.g. estimate what the next task must preserve)."""
+
+
+@dataclass
+class TrainContext:
+    """What callbacks see: the run's objects and the loop's position, updated as training proceeds."""
+
+    optimiser: torch.optim.Optimizer
+    method: AnomalyMethod | None = None  # None outside a method (teacher distillation)
+    data: TaskData | None = None
+    epoch: int = -1
+    iteration: int = 0  # optimiser steps taken in this fit
+    batch: Any = None
+    loss: torch.Tensor | None = None  # the method's loss of the batch (its parts summed)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's named parts
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # terms added by callbacks
+    record: dict[str, float] = field(default_factory=dict)  # the epoch's log record
+    result: TrainResult | None = None
+
+    def add_loss(self, name: str, value: torch.Tensor) -> None:
+        """Add a named term to this batch's loss (logged as ``loss/<name>``)."""
+        if name in self.parts or name in self.added:
+            raise ValueError(f"add_loss: a loss part named '{name}' exists already for this batch")
+        self.added[name] = value
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        """The parameters being trained (those of the optimiser)."""
+        for group in self.optimiser.param_groups:
+            yield from group["params"]
+
+
+@dataclass
+class TrainResult:
+    """What a fit did; methods turn it into their ``fit_info``."""
+
+    epochs_run: int = 0
+    epochs_max: int = 0
+    best_epoch: int = -1
+    best_val_loss: float = math.inf  # inf when no validation ran
+    first_loss: float = math.nan
+    last_loss: float = math.nan
+    last_parts: dict[str, float] = field(default_factory=dict)  # per-part means of the last epoch
+    iterations: int = 0
+    images: int = 0
+    seconds: float = math.nan
+    early_stopping: bool = False
+    epoch_log: list[dict[str, float]] = field(default_factory=list)
+
+
+def _sum_parts(value: LossValue) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss and its named parts; a dict is summed in its order (first + second + ...)."""
+    if isinstance(value, torch.Tensor):
+        return value, {}
+    parts = dict(value)
+    if not parts:
+        raise ValueError("loss: the loss function returned no parts")
+    total = None
+    for part in parts.values():
+        total = part if total is None else total + part
+    return total, parts
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def train_loop(
+    loss_fn: LossFn,
+    optimiser: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    batches: Callable[[int], Iterable[Any]],
+    modules: Sequence[nn.Module],
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scheduler_interval: Literal["epoch", "iteration"] = "epoch",
+    validate: Callable[[], float] | None = None,
+    patience: int | None = None,
+    average: Literal["images", "iterations"] = "images",
+    callbacks: Sequence[Callback] = (),
+    method: AnomalyMethod | None = None,
+    data: TaskData | None = None,
+    label: str = "training",
+) -> TrainResult:
+    """Train ``epochs`` epochs (fewer with early stopping) and return what happened.
+
+    ``batches(epoch)``: the epoch's batches (anything ``loss_fn`` takes that has a ``len``).
+    ``modules``: set to train mode every epoch and to eval mode at the end; their state is what
+    early stopping snapshots and restores. Early stopping runs when ``validate`` (the held-out loss)
+    and ``patience`` are given: ``patience`` epochs without improvement stop training, and the state
+    at the best epoch is restored. ``average``: epoch losses are means per image (weighted by batch
+    size) or per iteration. ``label``: names the trainer in errors.
+    """
+    if scheduler_interval not in ("epoch", "iteration"):
+        raise ValueError(f"scheduler_interval: '{scheduler_interval}' is not one of epoch, iteration")
+    if average not in ("images", "iterations"):
+        raise ValueError(f"average: '{average}' is not one of images, iterations")
+    where = f" of {', '.join(data.task_names)}" if data is not None else ""
+    early_stopping = validate is not None and patience is not None
+    ctx = TrainContext(optimiser=optimiser, method=method, data=data)
+    result = TrainResult(epochs_max=epochs, early_stopping=early_stopping)
+    best_state: list[dict[str, Any]] | None = None
+    stale = 0
+    for callback in callbacks:
+        callback.before_task(ctx)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        ctx.epoch = epoch
+        for module in modules:
+            module.train()
+        lr = float(optimiser.param_groups[0]["lr"])
+        total, count = 0.0, 0
+        part_totals: dict[str, float] = {}
+        for batch in batches(epoch):
+            loss, parts = _sum_parts(loss_fn(batch))
+            ctx.batch, ctx.loss, ctx.parts, ctx.added = batch, loss, parts, {}
+            for callback in callbacks:
+                callback.before_backward(ctx)
+            if ctx.added:
+                parts = {**parts, **ctx.added}
+                for term in ctx.added.values():
+                    loss = loss + term
+            if not torch.isfinite(loss):
+                values = "; " + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items()) if parts else ""
+                raise FloatingPointError(
+                    f"{label}: non-finite training loss ({float(loss.detach())}{values}) at epoch {epoch}{where} "
+                    "(try a lower learning rate)"
+                )
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if scheduler is not None and scheduler_interval == "iteration":
+                scheduler.step()
+            result.iterations += 1
+            ctx.iteration = result.iterations
+            weight = len(batch) if average == "images" else 1
+            total += loss.item() * weight
+            count += weight
+            for key, value in parts.items():
+                part_totals[key] = part_totals.get(key, 0.0) + value.item() * weight
+            result.images += len(batch)
+        if scheduler is not None and scheduler_interval == "epoch":
+            scheduler.step()
+        result.epochs_run = epoch + 1
+        result.last_loss = total / count if count else math.nan
+        result.last_parts = {k: v / count for k, v in part_totals.items()}
+        if epoch == 0:
+            result.first_loss = result.last_loss
+        record: dict[str, float] = {"epoch": epoch, "loss": result.last_loss}
+        record.update({f"loss/{k}": v for k, v in result.last_parts.items()})
+        stop = False
+        if early_stopping:
+            val_loss = validate()
+            if not math.isfinite(val_loss):
+                raise FloatingPointError(f"{label}: non-finite validation loss ({val_loss}) at epoch {epoch}{where}")
+            record["val_loss"] = val_loss
+            if val_loss < result.best_val_loss:
+                result.best_val_loss, result.best_epoch, stale = val_loss, epoch, 0
+                best_state = [copy.deepcopy(module.state_dict()) for module in modules]
+            else:
+                stale += 1
+                stop = stale >= patience
+        record["lr"] = lr
+        result.epoch_log.append(record)
+        ctx.record = record
+        for callback in callbacks:
+            callback.after_epoch(ctx)
+        if stop:
+            break
+    result.seconds = time.perf_counter() - start
+    if best_state is not None:
+        for module, state in zip(modules, best_state):
+            module.load_state_dict(state)
+    for module in modules:
+        module.eval()
+    ctx.result = result
+    for callback in callbacks:
+        callback.after_task(ctx)
+    return result
+
+
+# -- the loop as methods use it ------------------------------------------------------------------
+def train_task(
+    method: AnomalyMethod,
+    data: TaskData,
+    loss_fn: LossFn,
+    optimiser: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    batch_size: int,
+    prepare: Callable[[Batch, int, int], Any] | None = None,
+    modules: Sequence[nn.Module] | None = None,
+    **options: Any,
+) -> TrainResult:
+    """``train_loop`` over a step's training stream: shuffled batches of ``batch_size`` (a new seeded
+    order every epoch), each made into a training batch by ``prepare(batch, epoch, index)`` if
+    given; ``modules`` default to the method; the strategy's callbacks (``data.callbacks``) run, and
+    ``method.epoch_log`` gets the epoch records. ``options``: the rest of ``train_loop``'s."""
+
+    def epoch_batches(epoch: int) -> Iterable[Any]:
+        stream = data.train.batches(batch_size, shuffle=True, seed=seeding.epoch_seed(data.seed, epoch))
+        if prepare is None:
+            return stream
+        return (prepare(batch, epoch, index) for index, batch in enumerate(stream))
+
+    result = train_loop(
+        loss_fn, optimiser, epochs=epochs, batches=epoch_batches, modules=modules or [method],
+        callbacks=data.callbacks, method=method, data=data, label=method.name, **options,
+    )
+    method.epoch_log = result.epoch_log
+    return result
 
 
 @torch.no_grad()
@@ -26,7 +272,7 @@ def held_out_loss(method: AnomalyMethod, data: TaskData, loss_fn: LossFn, batch_
     method.eval()
     total, count = 0.0, 0
     for batch in data.val.batches(batch_size):
-        total += float(loss_fn(batch)) * len(batch)
+        total += float(_sum_parts(loss_fn(batch))[0]) * len(batch)
         count += len(batch)
     return total / count
 
@@ -42,57 +288,23 @@ def fit_epochs(
     patience: int | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
-    """Train ``epochs`` epochs (fewer with early stopping); returns the step's fit_info.
+    """Train with the training loss as held-out loss (STFPM, CFA, the flows); returns ``fit_info``.
 
-    Early stopping runs when ``patience`` is set and held-out images exist: after each epoch the
-    held-out loss is measured; ``patience`` epochs without improvement stop training, and the
-    method's state at the best epoch is restored.
+    Early stopping runs when ``patience`` is set and held-out images exist (``train_loop``).
     """
-    early_stopping = patience is not None and len(data.val) > 0
-    best_loss, best_state, best_epoch, stale = math.inf, None, -1, 0
-    first_loss = last_loss = math.nan
-    images, start, epoch = 0, time.perf_counter(), -1
-    for epoch in range(epochs):
-        method.train()
-        total, count = 0.0, 0
-        for batch in data.train.batches(batch_size, shuffle=True, seed=data.seed * 1000 + epoch):
-            loss = loss_fn(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{method.name}: non-finite training loss ({float(loss)}) at epoch {epoch} of "
-                    f"{', '.join(data.task_names)} (try a lower learning rate)"
-                )
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-        if scheduler is not None:
-            scheduler.step()
-        images += count
-        last_loss = total / count
-        first_loss = last_loss if epoch == 0 else first_loss
-        if not early_stopping:
-            continue
-        val_loss = held_out_loss(method, data, loss_fn, batch_size)
-        if val_loss < best_loss:
-            best_loss, best_state, best_epoch, stale = val_loss, copy.deepcopy(method.state_dict()), epoch, 0
-        else:
-            stale += 1
-            if stale >= patience:
-                break
-    seconds = time.perf_counter() - start
-    if best_state is not None:
-        method.load_state_dict(best_state)
-    method.eval()
+    validate = (lambda: held_out_loss(method, data, loss_fn, batch_size)) if len(data.val) else None
+    result = train_task(
+        method, data, loss_fn, optimiser, epochs=epochs, batch_size=batch_size,
+        patience=patience, validate=validate, scheduler=scheduler,
+    )
     return {
-        "epochs_run": epoch + 1,
+        "epochs_run": result.epochs_run,
         "epochs_max": epochs,
-        "best_epoch": best_epoch,
-        "train_loss_first": first_loss,
-        "train_loss_last": last_loss,
-        "val_loss_best": best_loss if early_stopping else math.nan,
+        "best_epoch": result.best_epoch,
+        "train_loss_first": result.first_loss,
+        "train_loss_last": result.last_loss,
+        "val_loss_best": result.best_val_loss if result.early_stopping else math.nan,
         "val_loss_last": held_out_loss(method, data, loss_fn, batch_size) if len(data.val) else math.nan,
-        "train_images": images,
-        "train_images_per_s": images / seconds if seconds > 0 else math.nan,
+        "train_images": result.images,
+        "train_images_per_s": result.images / result.seconds if result.seconds > 0 else math.nan,
     }

@@ -13,8 +13,11 @@ from typing import Any, ClassVar, Iterator, Mapping
 from tqdm.auto import tqdm
 
 from clbench.data import Batch, SampleSet
+from clbench.engine import seeding
+from clbench.params import Parameterised
 from clbench.registry import Registry
 from methods.base import AnomalyMethod, TaskData, TrainStream
+from methods.training import Callback
 
 STRATEGIES: Registry["Strategy"] = Registry("strategy", "strategies")
 
@@ -48,17 +51,18 @@ class ProgressStream:
         )
 
 
-class Strategy(ABC):
+class Strategy(Parameterised, ABC):
+    """Base class of every strategy; its parameters are declared as a method's are (``Param`` entries
+    in ``hyperparameters``, ``clbench.params``) and checked when it is built."""
+
     name: ClassVar[str]
+    params_key: ClassVar[str] = "strategy_params"
+    kind: ClassVar[str] = "strategy"
     hyperparameters: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, seed: int = 0, **params: Any) -> None:
-        unknown = sorted(set(params) - set(self.hyperparameters))
-        if unknown:
-            known = ", ".join(sorted(self.hyperparameters)) or "none"
-            raise ValueError(f"strategy_params: unknown key '{unknown[0]}' for strategy '{self.name}' (known: {known})")
         self.seed = seed
-        self.params = {**self.hyperparameters, **params}
+        self.params = self.resolve_params(params)  # unknown keys and values outside their constraints: one line
         self.progress = True
 
     @abstractmethod
@@ -72,13 +76,20 @@ class Strategy(ABC):
     def after_step(self, experience: Experience, current: SampleSet) -> None:
         """Hook after the method learned a step (a replay buffer stores samples here)."""
 
+    def callbacks(self, experience: Experience) -> list[Callback]:
+        """Hooks the method's training loop runs at this step (``methods.training.Callback``): how a
+        strategy changes training without touching a method, e.g. a penalty added to the loss in
+        ``before_backward``. Default: none."""
+        return []
+
     def train(self, method: AnomalyMethod, experience: Experience, current: SampleSet, val: SampleSet) -> None:
         data = TaskData(
             step=experience.step,
             task_names=experience.task_names,
             train=self._with_progress(self.training_stream(experience, current), experience.label),
             val=val,
-            seed=self.seed * 1_000_003 + experience.step,
+            seed=seeding.step_seed(self.seed, experience.step),
+            callbacks=self.callbacks(experience),
         )
         method.fit_task(data)
         self.after_step(experience, current)

@@ -24,9 +24,7 @@ class ReplayBuffer(ABC):
     """A fixed-capacity set of training images (uint8, (N, 3, S, S)) with their keys and tasks."""
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
-        if capacity < 0:
-            raise ValueError(f"strategy_params: buffer_size must be >= 0, got {capacity}")
-        self.capacity = capacity
+        self.capacity = capacity  # >= 0: checked with the strategy's parameters (Replay.hyperparameters)
         self.generator = torch.Generator().manual_seed(seed)
         self.pixels = torch.empty(0, dtype=torch.uint8)
         self.keys: list[str] = []

@@ -12,6 +12,8 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from clbench.data import Batch, SampleSet
+from clbench.engine import seeding
+from clbench.params import NON_NEGATIVE_INT, Options, Param
 from strategies.base import STRATEGIES, Experience, Strategy
 from strategies.buffers import POLICIES, ReplayBuffer, replay_bytes
 
@@ -42,17 +44,14 @@ class ReplayStream:
 
 @STRATEGIES.register("replay")
 class Replay(Strategy):
-    hyperparameters = {"buffer_size": 100, "policy": "balanced"}
+    hyperparameters = {
+        "buffer_size": Param(100, NON_NEGATIVE_INT, "images kept across tasks; 0: sequential training"),
+        "policy": Param("balanced", Options(*POLICIES), "storage policy (strategies.buffers)"),
+    }
 
     def __init__(self, seed: int = 0, **params: Any) -> None:
         super().__init__(seed, **params)
-        policy = self.params["policy"]
-        if policy not in POLICIES:
-            raise ValueError(f"strategy_params: unknown policy '{policy}' (use one of: {', '.join(POLICIES)})")
-        size = self.params["buffer_size"]
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ValueError(f"strategy_params: buffer_size must be a non-negative integer, got {size!r}")
-        self.buffer = POLICIES[policy](size, seed)
+        self.buffer = POLICIES[self.params["policy"]](self.params["buffer_size"], seeding.buffer_seed(seed))
 
     def experiences(self, tasks: list[str]) -> list[Experience]:
         return [Experience(step, name, (name,)) for step, name in enumerate(tasks)]
@@ -74,5 +73,5 @@ class Replay(Strategy):
 
     @classmethod
     def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
-        size = {**cls.hyperparameters, **params}["buffer_size"]
+        size = cls.resolve_params(params)["buffer_size"]
         return {"replay_buffer": replay_bytes(size, image_size)}

@@ -1,17 +1,14 @@
-"""Shared fixtures and helpers: a tiny hand-made MVTec-layout dataset, the built-in synthetic one,
-in-memory images and training streams, and short engine runs."""
+"""Shared fixtures: one intra-op thread, a tiny hand-made MVTec-layout dataset and the built-in
+synthetic one. Helpers that are not fixtures (``write_category``, ``engine_run``, in-memory images
+and streams) are in helpers.py: tests import them from there, never from this file."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from clbench.data import Batch
+from helpers import write_category
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -23,27 +20,6 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def write_category(root: Path, name: str, *, n_train: int = 6, size: int = 40, gray: bool = False, seed: int = 0) -> Path:
-    """A minimal valid category: flat noisy images, one 'spot' defect type with masks."""
-    rng = np.random.default_rng(seed)
-    folder = root / name
-    shape = (size, size) if gray else (size, size, 3)
-
-    def image() -> Image.Image:
-        return Image.fromarray(rng.integers(90, 110, shape, dtype=np.uint8))
-
-    for split, count in (("train/good", n_train), ("test/good", 2), ("test/spot", 2)):
-        (folder / split).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            image().save(folder / split / f"{i:03d}.png")
-    (folder / "ground_truth" / "spot").mkdir(parents=True, exist_ok=True)
-    for i in range(2):
-        mask = np.zeros((size, size), np.uint8)
-        mask[5:15, 5:15] = 255
-        Image.fromarray(mask).save(folder / "ground_truth" / "spot" / f"{i:03d}_mask.png")
-    return folder
 
 
 @pytest.fixture
@@ -62,59 +38,3 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     generate(root, categories=4, size=64, seed=0, n_train=12, n_test_good=4, n_test_per_defect=2)
     return root
-
-
-# The three strategies every method must run under, as (strategy, strategy_params).
-STRATEGY_CASES = [("sequential", {}), ("replay", {"buffer_size": 4}), ("joint", {})]
-
-
-def engine_run(method: str, strategy: str, strategy_params: dict, data_root: Path, out: Path, **overrides) -> Path:
-    """One short run through the engine (2 tasks, 1 epoch, random init, CPU): the run folder."""
-    from clbench.engine.config import RunConfig
-    from clbench.engine.runner import run_experiment
-
-    settings = dict(method=method, strategy=strategy, strategy_params=strategy_params, data_root=str(data_root),
-                    synthetic=False, tasks=2, image_size=64, weights="none", output_dir=str(out),
-                    device="cpu", max_epochs=1)
-    settings.update(overrides)
-    return run_experiment(RunConfig(**settings), progress=False)
-
-
-def smooth_pixels(n: int, seed: int, size: int, noise: float = 0.0) -> torch.Tensor:
-    """uint8 (n, 3, size, size): upsampled low-resolution noise, so features vary like on real images;
-    ``noise`` > 0 adds that much per-pixel noise (drawn after the coarse fields) for fine structure."""
-    g = torch.Generator().manual_seed(seed)
-    low = F.interpolate(torch.rand(n, 3, size // 8, size // 8, generator=g), size=size, mode="bilinear")
-    if not noise:
-        return (low * 255).to(torch.uint8)
-    return ((low + noise * torch.rand(n, 3, size, size, generator=g)).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def smooth_batch(n: int, seed: int, size: int, task: str = "alpha", noise: float = 0.0) -> Batch:
-    """``smooth_pixels`` as good training images of ``task``: keys unique per seed (backbones cache
-    features by key) and starting with the task (CFA tells replayed images by it)."""
-    pixels = smooth_pixels(n, seed, size, noise)
-    keys = [f"{task}/train/good/{seed}-{i:03d}.png" for i in range(n)]
-    return Batch(pixels, keys, torch.zeros(n, dtype=torch.int64), torch.zeros(n, size, size, dtype=torch.bool))
-
-
-class InMemoryStream:
-    """A training stream over one fixed in-memory batch (what the strategies hand a method)."""
-
-    def __init__(self, batch: Batch, *, keep_order: bool = False) -> None:
-        """``keep_order``: never shuffle, so that a method sees the images exactly as a reference does."""
-        self.batch, self.keep_order = batch, keep_order
-
-    def __len__(self) -> int:
-        return len(self.batch)
-
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
-        """Consecutive batches, in a seeded random order if ``shuffle`` (like a real stream)."""
-        b, n = self.batch, len(self.batch)
-        if shuffle and not self.keep_order:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = torch.arange(n)
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            yield Batch(b.pixels[rows], [b.keys[i] for i in rows.tolist()], b.labels[rows], b.masks[rows])

@@ -104,6 +104,7 @@ def test_require_pretrained_refuses_a_random_init_backbone() -> None:
         pool.get("resnet18", ["layer1"])
 
 
+@pytest.mark.slow
 def test_local_file_weights_are_loaded(tmp_path: Path) -> None:
     import timm
 
@@ -120,6 +121,7 @@ def test_local_file_weights_are_loaded(tmp_path: Path) -> None:
     assert all(not p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_weights_file_of_another_model_is_refused(tmp_path: Path) -> None:
     """timm loads a features_only model's file non-strictly: another model's state dict used to leave
     the backbone random (or fail with a paragraph) while env.json said a file was used."""
@@ -140,6 +142,7 @@ def test_weights_file_of_another_model_is_refused(tmp_path: Path) -> None:
         create_feature_model("resnet18", ["layer1"], resolve_weights("resnet18", str(garbage)))
 
 
+@pytest.mark.slow
 def test_matching_weights_file_loads_every_feature_tensor(tmp_path: Path) -> None:
     """A file saved from a timm model of the same architecture (safetensors, or a training
     checkpoint's wrapper with DataParallel names; a classifier head is extra) gives its weights."""

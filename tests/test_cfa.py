@@ -1,15 +1,14 @@
 """CFA: the soft-boundary loss (seed 003's formula, also with K != J) and softmin score against hand
 computations, the bank's ``weighting`` (task: seed 003 Algorithm 3; batch: the paper's code) against
 independent numpy references, replayed images left out of the bank, ``optimizer_state``, no early
-stopping by default, state round trip, seed 003's 22.5 MB bank, and runs under sequential, replay
-and joint. Parity with anomalib: tests/test_parity_cfa.py."""
+stopping by default, state round trip, seed 003's 22.5 MB bank. Parity with anomalib:
+tests/test_parity_cfa.py; runs under every strategy, resume and memory: tests/test_contract.py."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -17,7 +16,7 @@ from clbench.features.backbones import BackbonePool
 from clbench.data import Batch, ImageStore, SampleSet, load_category
 from methods.base import MethodContext, TaskData
 from methods.cfa import CFA, cfa_loss, softmin_score, squared_distances
-from conftest import STRATEGY_CASES, InMemoryStream, engine_run, smooth_batch
+from helpers import InMemoryStream, smooth_batch
 
 SMALL = {"backbone": "resnet18", "batch_size": 4}
 
@@ -92,6 +91,7 @@ def reference_banks(outputs: list[np.ndarray], batch_size: int) -> dict[str, np.
 
 
 @pytest.mark.parametrize("weighting", ["task", "batch"])
+@pytest.mark.slow
 def test_bank_weighting_matches_independent_reference(weighting: str) -> None:
     """With lr 0 the descriptor is fixed, so the bank after three tasks is an exact function of the raw
     descriptor outputs: Algorithm 3 (task) or the paper's code's running mean over batches (batch)."""
@@ -139,10 +139,11 @@ def test_optimizer_state(state: str) -> None:
 
 
 def test_unknown_weighting_is_one_line() -> None:
-    with pytest.raises(ValueError, match="weighting 'images' is not one of task, batch"):
+    with pytest.raises(ValueError, match="weighting='images' is not one of task, batch"):
         make_cfa(weighting="images")
 
 
+@pytest.mark.slow
 def test_short_training_lowers_loss_gives_finite_maps_and_round_trips(synthetic_root: Path) -> None:
     (category,) = categories(synthetic_root, 1, val_fraction=0.2)
     store = ImageStore(64)
@@ -170,15 +171,3 @@ def test_analytic_memory_is_seed_003_bank() -> None:
     memory = CFA.analytic_memory({}, 224)
     state = sum(v for k, v in memory.items() if k.startswith("method_state"))
     assert state == 56 * 56 * 1792 * 4 == 22_478_848
-
-
-@pytest.mark.parametrize("strategy, params", STRATEGY_CASES)
-def test_cfa_under_each_strategy(synthetic_root: Path, tmp_path: Path, strategy: str, params: dict) -> None:
-    run_dir = engine_run("cfa", strategy, params, synthetic_root, tmp_path, image_size=32, method_params=dict(SMALL))
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
-    training = pd.read_csv(run_dir / "training.csv")
-    assert set(training.key) >= {"epochs_run", "train_loss_first", "train_loss_last"}
-    memory = pd.read_csv(run_dir / "memory.csv")
-    state = memory[memory.component == "method_state"].bytes
-    assert (state == 8 * 8 * 448 * 4 + 16).all()  # fixed-size bank whatever the number of tasks

@@ -49,6 +49,7 @@ def test_reproduce_names_an_unknown_profile(capsys) -> None:
     assert err == "clbench: error: profile: unknown profile 'nosuch' (available: clad)"
 
 
+@pytest.mark.slow
 def test_run_synthetic_flag_sets_the_config_key(tmp_path: Path, capsys) -> None:
     """``--synthetic true`` generates at a new --data-root (without it: 'not found'); a bad value is
     argparse's one line naming it."""

@@ -153,13 +153,14 @@ def test_resize_then_crop_matches_torchvision(tmp_path: Path, source: int, size:
     assert torch.equal(store.mask(sample), TF.center_crop(resized_mask[None], [crop, crop])[0])
 
 
+@pytest.mark.slow
 def test_the_method_and_the_replay_buffer_see_the_crop(synthetic_root: Path, tmp_path: Path) -> None:
     """crop_size reaches MethodContext.image_size (maps = masks = crop) and replay stores crop-sized images."""
     import json
 
     import pandas as pd
 
-    from conftest import engine_run
+    from helpers import engine_run
 
     run = engine_run("padim", "replay", {"buffer_size": 4}, synthetic_root, tmp_path, image_size=64, crop_size=48,
                      method_params={"backbone": "resnet18", "n_features": 20})

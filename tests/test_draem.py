@@ -1,15 +1,14 @@
 """DRAEM: Perlin masks are binary, seeded, non-empty on average, at DRAEM's lattice scales; the
 simulator blends as DRAEM; DRAEM's rotation of 30 % of the normal images (real rotations, before
 the simulation, off with p_rotate=0); sharpness as PIL's; training lowers the loss, maps are finite
-at input size; state round trip; seeded augmentations; optimizer_state keep; runs under
-sequential, replay and joint. (Loss terms and outputs vs anomalib, kornia and DRAEM's code:
-tests/test_parity_draem.py.)"""
+at input size; state round trip; seeded augmentations; optimizer_state keep. (Loss terms and
+outputs vs anomalib, kornia and DRAEM's code: tests/test_parity_draem.py; runs under every
+strategy, resume and memory: tests/test_contract.py.)"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,6 @@ from methods.draem.simulator import (
     AnomalySource, SOURCE_AUGMENTATIONS, default_max_scale, perlin_mask, perlin_scales, procedural_texture,
     rotate_normal_images, synthesize_anomalies,
 )
-from conftest import STRATEGY_CASES, engine_run
 
 SMALL = {"base_width": 4, "disc_base_width": 4}
 
@@ -198,11 +196,12 @@ def test_optimizer_state_keep_carries_adam_across_tasks(synthetic_root: Path) ->
     reset = make_draem(max_epochs=1)
     reset.fit_task(data)
     assert reset.training_state() == {}
-    with pytest.raises(ValueError, match="optimizer_state 'sometimes'"):
+    with pytest.raises(ValueError, match="optimizer_state='sometimes' is not one of reset, keep"):
         make_draem(optimizer_state="sometimes")
 
 
 # -- training ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_short_training_lowers_loss_gives_finite_maps_and_round_trips(synthetic_root: Path) -> None:
     name = sorted(p.name for p in synthetic_root.iterdir())[0]
     category = load_category(synthetic_root, name, val_fraction=0.0)
@@ -243,14 +242,3 @@ def test_non_multiple_of_32_sizes_are_padded() -> None:
     trainable += sum(b.numel() * b.element_size() for b in model.buffers())
     assert memory["model_trainable/reconstructive"] + memory["model_trainable/discriminative"] == trainable
     assert model.memory_components()["model_trainable"] == trainable and model.memory_components()["method_state"] == 0
-
-
-@pytest.mark.parametrize("strategy, params", STRATEGY_CASES)
-def test_draem_under_each_strategy(synthetic_root: Path, tmp_path: Path, strategy: str, params: dict) -> None:
-    run_dir = engine_run("draem", strategy, params, synthetic_root, tmp_path, image_size=32, method_params=dict(SMALL))
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
-    training = pd.read_csv(run_dir / "training.csv")
-    assert set(training.key) >= {"epochs_run", "train_loss_first", "train_loss_last", "anomaly_source_procedural"}
-    memory = pd.read_csv(run_dir / "memory.csv")
-    assert (memory[memory.component == "model_trainable"].bytes > 0).all()

@@ -2,8 +2,9 @@
 counts, cached teacher distillation and ``distill-teacher``'s provenance, the teacher paths (a file
 loaded with weights_only, a stand-in distilled on generic images only, with a warning, refused
 under require_pretrained), a short training run (loss down, finite maps), map quantiles from the
-held-out good images only, optimizer_state keep, state round trip, and runs under sequential,
-replay and joint. Parity with anomalib: ``test_parity_efficientad.py``.
+held-out good images only (of every task at a joint step), optimizer_state keep, state round trip.
+Parity with anomalib: ``test_parity_efficientad.py``; runs under every strategy, resume and memory:
+``test_contract.py``.
 
 Kept fast (2 shared CPU cores): 64 px, a small synthetic dataset of its own (2 categories, 6
 training images each), a tiny teacher distilled once from resnet18 on 4 images, 1-2 epochs,
@@ -90,6 +91,7 @@ def test_hard_feature_loss_keeps_only_the_top_tenth_percent() -> None:
     assert float(hard_feature_loss(torch.ones(1, 4, 3, 3))) == pytest.approx(1.0)  # ties: all count
 
 
+@pytest.mark.slow
 def test_networks_shapes_and_seed003_parameter_counts() -> None:
     # seed 003: teacher 8.0M, student 11.6M, autoencoder 1.1M parameters: EfficientAD-M at 256 px
     assert round(count_parameters(build_pdn("medium", 384)) / 1e6, 1) == 8.0
@@ -101,6 +103,7 @@ def test_networks_shapes_and_seed003_parameter_counts() -> None:
     assert AutoEncoder(384, SIZE, 8)(torch.zeros(2, 3, SIZE, SIZE)).shape == (2, 384, 8, 8)
 
 
+@pytest.mark.slow
 def test_distillation_writes_weights_and_provenance_and_is_cached(teacher_file: Path, root: Path) -> None:
     provenance = json.loads(provenance_path(teacher_file).read_text())
     assert provenance["backbone"] == "resnet18" and provenance["pretrained"] is False
@@ -158,6 +161,7 @@ def fitted(root: Path, tmp_path_factory):
     return model, params, cat, store, val, train
 
 
+@pytest.mark.slow
 def test_short_training_lowers_loss_and_gives_finite_maps(fitted) -> None:
     model, _, cat, store, _, _ = fitted
     info = model.fit_info
@@ -171,6 +175,7 @@ def test_short_training_lowers_loss_and_gives_finite_maps(fitted) -> None:
     assert torch.equal(prediction.scores, prediction.maps.flatten(1).amax(1))
 
 
+@pytest.mark.slow
 def test_standin_teacher_is_distilled_on_generic_images_never_the_task_data(fitted, root: Path) -> None:
     model, params, cat, store, _, train = fitted
     teacher = model.teacher_info
@@ -244,6 +249,7 @@ def test_teacher_file_is_loaded_with_weights_only(tmp_path: Path) -> None:
         EfficientAD(context(), teacher_weights=str(tmp_path / "missing.pth"), **FAST)
 
 
+@pytest.mark.slow
 def test_optimizer_state_keep_reuses_one_optimiser_across_tasks(root: Path, teacher_file: Path) -> None:
     name, cat = category(root)
     store = ImageStore(SIZE)
@@ -262,6 +268,7 @@ def test_optimizer_state_keep_reuses_one_optimiser_across_tasks(root: Path, teac
     assert reset._kept_optimiser is None and reset.training_state() == {}
 
 
+@pytest.mark.slow
 def test_quantiles_come_from_held_out_good_images_only(fitted) -> None:
     model, _, cat, store, val, train = fitted
     assert model.fit_info["quantiles_from_val"] == 1.0
@@ -278,6 +285,7 @@ def test_quantiles_come_from_held_out_good_images_only(fitted) -> None:
     assert not torch.allclose(model.quantiles[0], torch.quantile(on_train.flatten(), q), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_state_round_trip_gives_identical_predictions(fitted) -> None:
     model, params, cat, store, _, _ = fitted
     with pytest.warns(UserWarning, match="no teacher_weights"):
@@ -312,18 +320,17 @@ def test_non_finite_loss_raises(root: Path, teacher_file: Path, monkeypatch) -> 
         model.fit_task(TaskData(0, (name,), SampleSet(cat.train[:1], store), SampleSet(cat.val, store)))
 
 
-@pytest.mark.parametrize("strategy, params", [("sequential", {}), ("replay", {"buffer_size": 4}), ("joint", {})])
-def test_efficientad_under_each_strategy(root: Path, teacher_file: Path, tmp_path: Path, strategy: str, params: dict) -> None:
-    config = RunConfig(method="efficientad", strategy=strategy, strategy_params=params, data_root=str(root),
-                       synthetic=False, tasks=2, image_size=SIZE, weights="none", output_dir=str(tmp_path),
-                       device="cpu", max_epochs=1, val_fraction=0.5,
-                       method_params={"teacher_weights": str(teacher_file), "batch_size": 3, **FAST})
+@pytest.mark.slow
+def test_joint_quantiles_come_from_every_tasks_held_out_images(root: Path, teacher_file: Path, tmp_path: Path) -> None:
+    """Through the engine: the joint step's map quantiles are computed on the held-out good images of
+    both tasks (and nothing else). Runs under every strategy, resume, memory: tests/test_contract.py."""
+    config = RunConfig(method="efficientad", strategy="joint", data_root=str(root), synthetic=False, tasks=2,
+                       image_size=SIZE, weights="none", output_dir=str(tmp_path), device="cpu", max_epochs=1,
+                       val_fraction=0.5, method_params={"teacher_weights": str(teacher_file), "batch_size": 3, **FAST})
     run_dir = run_experiment(config, progress=False)
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
     training = pd.read_csv(run_dir / "training.csv")
-    assert set(training.key) >= {"epochs_run", "train_loss_last", "quantiles_from_val", "q_b_local"}
-    assert (training[training.key == "quantiles_from_val"].value == 1.0).all()
-    memory = pd.read_csv(run_dir / "memory.csv")
-    assert (memory[memory.component == "model_trainable"].bytes > 0).all()
-    assert (memory[memory.component == "method_state"].bytes > 0).all()
+    logged = dict(zip(training.key, training.value))
+    assert {"q_a_local", "q_b_local", "q_a_global", "q_b_global"} <= set(logged)
+    held_out = json.loads((run_dir / "env.json").read_text())["held_out"]["counts"]
+    assert len(held_out) == 2 and all(n > 0 for n in held_out.values())
+    assert float(logged["quantiles_from_val"]) == 1.0 and float(logged["quantile_images"]) == sum(held_out.values())

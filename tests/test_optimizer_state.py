@@ -76,5 +76,5 @@ def test_keep_survives_a_resume_through_training_state() -> None:
 
 
 def test_unknown_optimizer_state_is_one_line() -> None:
-    with pytest.raises(ValueError, match="optimizer_state 'sometimes' is not one of reset, keep"):
+    with pytest.raises(ValueError, match="optimizer_state='sometimes' is not one of reset, keep"):
         Toy(context(), optimizer_state="sometimes")

@@ -13,7 +13,7 @@ import torch
 
 from clbench.features.backbones import BackbonePool
 from clbench.data import Batch
-from conftest import engine_run
+from helpers import engine_run
 from methods.base import MethodContext, TaskData
 from methods.padim import PaDiM
 
@@ -198,9 +198,9 @@ def test_a_state_of_another_mode_does_not_load() -> None:
 
 
 def test_bad_choices_are_one_line_errors() -> None:
-    with pytest.raises(ValueError, match="average 'mean' is not one of covariance, precision, pooled"):
+    with pytest.raises(ValueError, match="average='mean' is not one of covariance, precision, pooled"):
         make_padim(torch.randn(2, P, D), average="mean")
-    with pytest.raises(ValueError, match="image_score 'avg'"):
+    with pytest.raises(ValueError, match="image_score='avg' is not one of map, patch"):
         PaDiM.analytic_memory({"image_score": "avg"}, 64)
 
 
@@ -216,6 +216,7 @@ def test_analytic_memory_reproduces_seed_003() -> None:
     assert state == 3136 * (350 * 350 + 350) * 4 == 1_541_030_400  # "1541MB"
 
 
+@pytest.mark.slow
 def test_pooled_padim_through_the_engine_counts_replayed_images(synthetic_root: Path, tmp_path: Path) -> None:
     """Pooled state survives the engine's checkpoint; under replay a replayed image counts again.
     (Default-mode runs under each strategy: tests/test_runner.py and the sweep tests.)"""

@@ -172,6 +172,7 @@ def _pngs(folder: Path, n: int, size: int, seed: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_slice_of_the_profile_runs_and_reports_the_paper_table(synthetic_root: Path, tmp_path: Path, capsys,
                                                                  no_weight_caches) -> None:
     """PaDiM (crop, its own CL update), DRAEM (--dtd) and EfficientAD (--teacher, --imagenet) on 2 synthetic

@@ -23,7 +23,7 @@ from clbench.features.backbones import BackbonePool
 from clbench.data import Batch, ImageStore, SampleSet, normalize
 from methods.base import MethodContext, TaskData
 from methods.cfa import CFA
-from conftest import InMemoryStream, smooth_batch
+from helpers import InMemoryStream, smooth_batch
 
 SIZE, BATCH = 64, 4
 

@@ -145,6 +145,7 @@ def draem_focal_loss(logit: torch.Tensor, target: torch.Tensor, gamma: float = 2
 
 
 # -- inference ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_maps_and_scores_match_anomalib(models, monkeypatch) -> None:
     ours, reference = models
     pixels = images()
@@ -170,6 +171,7 @@ def test_eval_maps_and_scores_match_anomalib(models, monkeypatch) -> None:
 
 
 # -- one training step --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_step_outputs_and_loss_match_anomalib(models) -> None:
     ours, reference = models
     clean = images().float() / 255

@@ -32,7 +32,7 @@ from clbench.data import Batch, normalize
 from methods.base import MethodContext
 from methods.efficientad.model import EfficientAD, apply_jitter
 from methods.efficientad.networks import AutoEncoder, pdn_output_size
-from conftest import InMemoryStream, smooth_batch, smooth_pixels
+from helpers import InMemoryStream, smooth_batch, smooth_pixels
 
 TOL = 1e-4
 CHANNELS = 384
@@ -103,6 +103,7 @@ def fit_statistics(ours: EfficientAD, reference: EfficientAdModel, train: Batch,
     }
 
 
+@pytest.mark.slow
 def test_maps_scores_statistics_and_quantiles_match_anomalib(tmp_path: Path) -> None:
     """Small model: teacher statistics, map quantiles, maps and image scores, each side's own code."""
     size = 128
@@ -120,6 +121,7 @@ def test_maps_scores_statistics_and_quantiles_match_anomalib(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("model_size, padding", [("medium", False), ("small", True)])
+@pytest.mark.slow
 def test_maps_match_anomalib_for_medium_and_padded_models(tmp_path: Path, model_size: str, padding: bool) -> None:
     """Medium PDNs (seed 003's model) and padded PDNs; statistics and quantiles are set from
     clbench's on both sides (their computation is size-independent and compared above).
@@ -180,6 +182,7 @@ def test_augmentation_matches_anomalib() -> None:
     assert seen == {0, 1, 2}
 
 
+@pytest.mark.slow
 def test_one_training_step_matches_anomalib(tmp_path: Path, monkeypatch) -> None:
     """Losses (hard-feature, penalty, autoencoder, student-autoencoder) and the gradients of their sum
     (small model: the loss code does not depend on the size; the medium PDN's forward is compared above).

@@ -16,7 +16,7 @@ from clbench.data import ImageStore, SampleSet, normalize
 from methods.base import MethodContext, TaskData
 from methods.flows.fastflow import FastFlow
 from methods.flows.common import flow_loss
-from conftest import InMemoryStream, smooth_batch
+from helpers import InMemoryStream, smooth_batch
 
 SIZE, STEPS, IMAGES = 64, 8, 3
 TOL = 1e-4

@@ -16,7 +16,7 @@ from clbench.features.backbones import BackbonePool
 from clbench.data import Batch, normalize
 from methods.base import MethodContext, TaskData
 from methods.padim import PaDiM
-from conftest import InMemoryStream, smooth_batch
+from helpers import InMemoryStream, smooth_batch
 
 SIZE = 64
 ANOMALIB_EPSILON = 0.01 + 1e-5

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
 from clbench.features.backbones import BackbonePool
 from clbench.data import Batch, normalize
 from methods.base import MethodContext, TaskData
 from methods.patchcore import PatchCore
-from conftest import InMemoryStream
+from helpers import InMemoryStream
 from test_parity_padim import SIZE, rel, train_and_test
 
 

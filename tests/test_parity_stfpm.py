@@ -20,7 +20,7 @@ from clbench.features.backbones import BackbonePool
 from clbench.data import normalize
 from methods.base import MethodContext
 from methods.stfpm import STFPM
-from conftest import smooth_batch
+from helpers import smooth_batch
 
 SIZE = 64
 LAYERS = ["layer1", "layer2", "layer3"]
@@ -44,6 +44,7 @@ def build_pair(monkeypatch: pytest.MonkeyPatch, **params) -> tuple[STFPM, anomal
     return ours, ref
 
 
+@pytest.mark.slow
 def test_maps_scores_loss_and_sgd_step_match_anomalib(monkeypatch) -> None:
     ours, ref = build_pair(monkeypatch, weight_decay=1e-3)  # anomalib's weight decay, for the step
     test, train = smooth_batch(3, seed=0, size=SIZE), smooth_batch(4, seed=1, size=SIZE)

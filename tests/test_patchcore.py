@@ -202,7 +202,7 @@ def test_state_round_trip_and_memory_accounting() -> None:
 
 @pytest.mark.parametrize("key, value", [("score_weighting", "max"), ("aggregation", "none"), ("upsample_mode", "bicubic")])
 def test_bad_choices_are_one_line_errors(key: str, value: str) -> None:
-    with pytest.raises(ValueError, match=f"{key} '{value}' is not one of"):
+    with pytest.raises(ValueError, match=f"{key}='{value}' is not one of"):
         make_patchcore(Table(), **{key: value})
 
 
@@ -231,6 +231,7 @@ def test_analytic_memory_reproduces_seed_003() -> None:
     assert small["method_state/memory_bank"] == 1000 * (128 + 256) * 4
 
 
+@pytest.mark.slow
 def test_end_to_end_through_the_engine(synthetic_root: Path, tmp_path: Path) -> None:
     """Three tasks of 11 training images x 64 patches (704): budget 1000 makes steps 1-2 subsample."""
     config = RunConfig(

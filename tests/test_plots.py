@@ -1,4 +1,5 @@
-"""Tests for clbench.reporting.plots: exact matrix values, valid PNGs, partial/joint runs, NaN, errors."""
+"""Tests for clbench.reporting.plots: exact matrix values, valid PNGs, partial/joint runs, NaN, errors,
+and the titles of a real replay run (its buffer size comes from the config the runner writes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from clbench.engine.rundir import RunFolder
 from clbench.reporting import plots
+from helpers import engine_run, write_category
 
 TASKS = ["bottle", "cable", "capsule", "metal_nut"]
 METRICS = ("pixel_auroc", "pixel_aupro")
@@ -58,13 +61,12 @@ def _memory(trained: list[str], with_cuda: bool = False) -> pd.DataFrame:
 
 
 def _make_run(root: Path, metrics: pd.DataFrame | None, memory: pd.DataFrame | None,
-              strategy: str = "sequential", replay_size: int | None = None) -> Path:
-    """Fake results/<run>/ directory."""
+              strategy: str = "sequential", strategy_params: dict | None = None) -> Path:
+    """Fake results/<run>/ directory (its config in the runner's shape: ``strategy_params``)."""
     run = root / f"padim_{strategy}"
     run.mkdir(parents=True)
-    config = {"method": "padim", "strategy": strategy, "backbone": "resnet18", "tasks": TASKS}
-    if replay_size is not None:
-        config["replay_size"] = replay_size
+    config = {"method": "padim", "strategy": strategy, "strategy_params": strategy_params or {},
+              "backbone": "resnet18", "tasks": TASKS}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "env.json").write_text(json.dumps({"weights": {"source": "none", "pretrained": False}}))
     if metrics is not None:
@@ -141,6 +143,7 @@ def test_titles_and_colour_range() -> None:
 
 
 # ----------------------------------------------------------------- plot_run
+@pytest.mark.slow
 def test_plot_run_full_sequential(tmp_path: Path) -> None:
     run = _make_run(tmp_path, _sequential_metrics(4), _memory(TASKS, with_cuda=True))
     paths = plots.plot_run(run, metrics=METRICS)
@@ -156,12 +159,14 @@ def test_plot_run_full_sequential(tmp_path: Path) -> None:
 def test_plot_run_partial_with_nan_and_replay(tmp_path: Path) -> None:
     df = _sequential_metrics(2)
     df.loc[df.index[::3], "value"] = np.nan
-    run = _make_run(tmp_path, df, _memory(TASKS[:2]), strategy="replay", replay_size=20)
+    run = _make_run(tmp_path, df, _memory(TASKS[:2]), strategy="replay",
+                    strategy_params={"buffer_size": 20, "policy": "balanced"})
     with pytest.warns(UserWarning, match="image_auroc"):
         paths = plots.plot_run(run, metrics=("pixel_auroc", "image_auroc"))
-    assert len(paths) == 3
+    assert sorted(p.name for p in paths) == ["forgetting_pixel_auroc.png", "heatmap_pixel_auroc.png", "memory.png"]
     for p in paths:
         _assert_png(p)
+    assert plots.read_title_info(run)["replay_size"] == 20
 
 
 def test_plot_run_joint_single_step(tmp_path: Path) -> None:
@@ -176,7 +181,9 @@ def test_plot_run_all_nan_metric(tmp_path: Path) -> None:
     df = _sequential_metrics(3)
     df["value"] = np.nan
     run = _make_run(tmp_path, df, _memory(TASKS[:3]))
-    for p in plots.plot_run(run):
+    paths = plots.plot_run(run)
+    assert sorted(p.name for p in paths) == ["forgetting_pixel_auroc.png", "heatmap_pixel_auroc.png", "memory.png"]
+    for p in paths:
         _assert_png(p)
 
 
@@ -208,6 +215,7 @@ def test_plot_memory_other_component_and_zero_cuda(tmp_path: Path) -> None:
     _assert_png(plots.plot_memory(pd.concat([mem, extra]), tmp_path / "m.png", title_info=info))
 
 
+@pytest.mark.slow
 def test_many_tasks_figure_grows(tmp_path: Path) -> None:
     tasks = [f"task_{i:02d}_long_name" for i in range(15)]
     df = _sequential_metrics(15, tasks)
@@ -221,17 +229,45 @@ def test_many_tasks_figure_grows(tmp_path: Path) -> None:
     _assert_png(curves)
 
 
-def test_plot_run_numeric_category_names(tmp_path: Path) -> None:
-    """Categories named like BTAD's ('01', '02') stay text: the run's own plots used to crash
-    with "object of type 'int' has no len()" at the end of the run."""
-    from conftest import engine_run, write_category
-
-    root = tmp_path / "data"
+@pytest.fixture(scope="module")
+def replay_run(tmp_path_factory) -> Path:
+    """A real 2-task PaDiM replay run (buffer of 3 images) on categories named like BTAD's."""
+    root = tmp_path_factory.mktemp("data")
     write_category(root, "01", size=32)
     write_category(root, "02", size=32, seed=1)
-    run = engine_run("padim", "sequential", {}, root, tmp_path / "out", tasks=["01", "02"], image_size=32)
-    frame = plots.read_run_csv(run / "metrics.csv", plots.METRICS_COLUMNS)
+    out = tmp_path_factory.mktemp("out")
+    return engine_run("padim", "replay", {"buffer_size": 3}, root, out, tasks=["01", "02"], image_size=32)
+
+
+@pytest.mark.slow
+def test_replay_run_titles_show_the_buffer_size(replay_run: Path, monkeypatch) -> None:
+    """The config the runner writes holds the buffer size as ``strategy_params.buffer_size``: every
+    figure of a replay run names it (titles used to read a ``replay_size`` key no run writes)."""
+    titles: dict[str, str] = {}
+    save = plots._save_atomic
+
+    def capture(fig, out_path):
+        titles[Path(out_path).name] = fig.axes[0].get_title()
+        return save(fig, out_path)
+
+    monkeypatch.setattr(plots, "_save_atomic", capture)
+    paths = plots.plot_run(replay_run, metrics=("pixel_auroc",))
+    assert sorted(p.name for p in paths) == sorted(titles) == ["forgetting_pixel_auroc.png", "heatmap_pixel_auroc.png",
+                                                              "memory.png"]
+    for name, title in titles.items():
+        assert title.splitlines()[1].startswith("padim · replay · resnet18 (random-init)"), name
+        assert title.endswith("replay=3"), name
+    for p in paths:
+        _assert_png(p)
+
+
+def test_plot_run_numeric_category_names(replay_run: Path) -> None:
+    """Categories named like BTAD's ('01', '02') stay text: the run's own plots used to crash
+    with "object of type 'int' has no len()" at the end of the run."""
+    frame = RunFolder(replay_run).metrics()
     assert set(frame["eval_task"]) == {"01", "02"}
     assert list(plots.accuracy_matrix(frame).columns) == ["01", "02"]
-    for path in plots.plot_run(run, metrics=("pixel_auroc",)):
+    paths = plots.plot_run(replay_run, metrics=("pixel_auroc",))
+    assert sorted(p.name for p in paths) == ["forgetting_pixel_auroc.png", "heatmap_pixel_auroc.png", "memory.png"]
+    for path in paths:
         _assert_png(path)

@@ -23,8 +23,8 @@ from clbench.data.synth import writer
 from clbench.cli import main
 from clbench.engine.config import RunConfig
 from clbench.data import DatasetError, ImageStore, Sample, list_categories, load_category
-from clbench.engine.runner import ensure_dataset
-from conftest import write_category
+from clbench.data.root import ensure_dataset
+from helpers import write_category
 
 RUN = ["run", "--method", "padim", "--image-size", "32", "--weights", "none", "--device", "cpu", "--no-progress"]
 SMALL = dict(size=32, n_train=3, n_test_good=1, n_test_per_defect=1)
@@ -127,7 +127,7 @@ def test_synthetic_auto_is_a_valid_value_and_others_are_not() -> None:
 
     assert from_mapping({"synthetic": "auto"}).synthetic == "auto"
     assert RunConfig().synthetic == "auto"
-    with pytest.raises(ConfigError, match="'synthetic' must be auto, true or false, got 'yes'"):
+    with pytest.raises(ConfigError, match="synthetic='yes' is not one of auto, true, false"):
         from_mapping({"synthetic": "yes"})
 
 
@@ -393,6 +393,7 @@ def test_D12_any_non_zero_mask_value_is_a_defect(tmp_path: Path, kind: str) -> N
     assert np.array_equal(_mask(path, 32), _square(1).astype(bool))
 
 
+@pytest.mark.slow
 def test_D12_zero_one_masks_give_pixel_metrics(tmp_path: Path, capsys) -> None:
     """As VisA ships them: the run's pixel AUROC of that task is a number, not NaN."""
     root = tmp_path / "d12"
@@ -434,6 +435,7 @@ def test_D11_a_defect_that_vanishes_at_the_run_resolution_is_one_warning(tmp_pat
     assert ImageStore(40).mask(Sample("c/test/spot/001", path, path, 1, "spot")).sum() == 1
 
 
+@pytest.mark.slow
 def test_D11_a_run_warns_about_an_empty_mask(two: Path, tmp_path: Path, capsys, caplog) -> None:
     empty = two / "alpha" / "ground_truth" / "spot" / "000_mask.png"
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(empty)
@@ -504,6 +506,7 @@ def test_D03b_a_counted_folder_without_train_good_is_a_warning_naming_it(two: Pa
 # -- 5. unclear task errors (C43, C44, D28, D28b) ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_C43_one_category_name_runs_one_task(two: Path, tmp_path: Path, capsys) -> None:
     code, _, err = _run(capsys, two, tmp_path / "out", "--tasks", "alpha", "--name", "c43")
     assert code == 0, err

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import resource
+import selectors
 import shutil
 import signal
 import stat
@@ -18,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from clbench.engine import atomic
 from clbench.cli import main
 from clbench.engine.config import ConfigError
 from clbench.engine.locks import FolderLocked, check_unlocked, run_lock
-from conftest import write_category
+from helpers import write_category
 
 NAME = "ünï-运行"  # the reference run's name: unicode is a plain folder name too
 CHECKPOINT = "checkpoint.pt"
@@ -156,7 +156,7 @@ def test_S04_name_in_a_config_file_is_checked_too(data_root: Path, tmp_path: Pat
     config = tmp_path / "c.yaml"
     config.write_text("name: ..\n")
     code, err = cli(run_args(data_root, tmp_path / "out", "--config", str(config), "--overwrite"), capsys)
-    assert code == 2 and "'name' must not start with '.'" in err
+    assert code == 2 and "name='..' is not a plain folder name: must not start with '.'" in err
 
 
 def test_default_run_name_keeps_a_slash_out_of_the_path() -> None:
@@ -165,6 +165,7 @@ def test_default_run_name_keeps_a_slash_out_of_the_path() -> None:
     assert default_run_name("padim", "sequential", "hf-hub:timm/resnet18", 0) == "padim-sequential-hf-hub:timm_resnet18-seed0"
 
 
+@pytest.mark.slow
 def test_S05_overwrite_deletes_only_a_marked_run_folder(data_root: Path, copy, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     user = out / "mine"  # a folder with a config.yaml that clbench did not make
@@ -233,6 +234,7 @@ def test_C10_to_C37_config_error_is_one_line_and_creates_no_folder(case: str, da
     assert not (out / "c").exists() and not (tmp_path / "code-ran").exists()
 
 
+@pytest.mark.slow
 def test_C10b_C10c_corrected_command_runs_and_resumes(data_root: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     replay = ["--name", "c10", "--strategy", "replay"]
@@ -284,6 +286,7 @@ def test_F01_unwritable_output_folder_is_one_line(data_root: Path, tmp_path: Pat
     assert code == 1 and error_lines(err) == [f"clbench: error: {ro / 'f01'}: Permission denied"]
 
 
+@pytest.mark.slow
 def test_F01_unwritable_output_folder_for_real(data_root: Path, tmp_path: Path) -> None:
     """As the TSV ran it: root without the capabilities that bypass file permissions."""
     if shutil.which("setpriv") is None or os.geteuid() != 0:
@@ -321,6 +324,7 @@ def test_F10_file_size_limit_is_one_line(data_root: Path, tmp_path: Path, capsys
     assert not (tmp_path / "out" / "f10").exists()  # nothing completed: no stale folder either
 
 
+@pytest.mark.slow
 def test_F10_disk_full_keeps_what_was_written_and_resumes(data_root: Path, reference: Path, tmp_path: Path, capsys,
                                                           monkeypatch) -> None:
     real = atomic.write_csv
@@ -361,38 +365,45 @@ def test_F11_damaged_config_yaml_on_resume(content, expected: str, data_root: Pa
     assert code == 2 and expected in err and "--overwrite" in err and len(error_lines(err)) == 1
 
 
-# A clbench process that holds its run folder after its first checkpoint until it is interrupted:
-# the test acts at a known moment instead of racing a run that may finish first.
+# A clbench process that holds its run folder after its first checkpoint until it is interrupted, and
+# says so on stdout: the test acts at a known moment, without polling or racing a run that may finish.
 HOLD_AFTER_FIRST_CHECKPOINT = """
-import pathlib, sys, time
+import sys, time
 from clbench.engine import runner
 from clbench.cli import main
 save = runner.Experiment._checkpoint
 def hold(self, *args, **kwargs):
     save(self, *args, **kwargs)
-    pathlib.Path(sys.argv[1]).touch()
+    print("held", flush=True)
     while True:
         time.sleep(0.05)
 runner.Experiment._checkpoint = hold
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[1:]))
 """
 
 
+def read_line(process: subprocess.Popen, seconds: float) -> str:
+    """The next line the child writes on stdout ('' at its end), waiting at most ``seconds``."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        assert selector.select(seconds), f"no line from pid {process.pid} in {seconds} s"
+    return process.stdout.readline()
+
+
+@pytest.mark.slow
 def test_F09_F14_locked_folder_and_ctrl_c(synthetic_root: Path, tmp_path: Path, capsys) -> None:
     """A second run on a folder in use is refused naming the pid; Ctrl-C exits 130, quietly, resumable."""
     out = tmp_path / "out"
-    held = tmp_path / "held"
     args = ["run", "--data-root", str(synthetic_root), "--tasks", "4", "--image-size", "64", "--weights", "none",
             "--device", "cpu", "--param", "n_features=40", "--no-progress", "--output", str(out), "--name", "f09"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    first = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_CHECKPOINT, str(held), *args], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_CHECKPOINT, *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 180
-        while not held.exists():
-            assert first.poll() is None, first.stderr.read()
-            assert time.time() < deadline
-            time.sleep(0.01)
+        line = "?"
+        while line not in ("held\n", ""):  # "" : it ended without holding
+            line = read_line(first, 180)
+        assert line == "held\n", first.stderr.read()
         code, err = cli(args + ["--overwrite"], capsys)
         assert code == 2 and f"{out / 'f09'}: in use by another clbench process (pid {first.pid})" in err
         first.send_signal(signal.SIGINT)
@@ -446,6 +457,7 @@ def _kill_before_replace(monkeypatch, filename: str, nth: int) -> None:
 
 
 @pytest.mark.parametrize("case,filename", [("K5", CHECKPOINT), ("K6", "metrics.csv")])
+@pytest.mark.slow
 def test_K5_K6_kill_before_rename_leaves_nothing_after_resume(case: str, filename: str, data_root: Path,
                                                               reference: Path, tmp_path: Path, capsys,
                                                               monkeypatch) -> None:
@@ -548,6 +560,7 @@ def _legacy(folder: Path) -> None:
     (folder / FINGERPRINT).unlink()
 
 
+@pytest.mark.slow
 def test_F05_legacy_checkpoint_checks_the_csvs(data_root: Path, copy, reference: Path, capsys, caplog) -> None:
     folder = copy()
     _legacy(folder)
@@ -567,6 +580,7 @@ def test_F05_legacy_checkpoint_checks_the_csvs(data_root: Path, copy, reference:
     assert path.read_bytes() == (reference / "metrics.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_F12_changed_dataset_is_refused_naming_the_file(tmp_path: Path, capsys) -> None:
     data = tmp_path / "ds"
     write_category(data, "alpha")

@@ -73,7 +73,7 @@ def wait_for(predicate, seconds: float) -> bool:
 
 @pytest.fixture
 def data_root(tmp_path: Path) -> Path:
-    from conftest import write_category
+    from helpers import write_category
 
     root = tmp_path / "data"
     write_category(root, "alpha", size=32)
@@ -157,6 +157,7 @@ def hold_lock():
         h.release()
 
 
+@pytest.mark.slow
 def test_W04_a_cell_running_elsewhere_is_skipped_not_started_twice(data_root: Path, tmp_path: Path, hold_lock,
                                                                    capsys) -> None:
     spec = write_spec(tmp_path / "spec.yaml", data_root, {"seed": [0, 1]})
@@ -201,7 +202,7 @@ def test_F09_a_cell_locked_after_the_sweep_started_comes_back_busy(tmp_path: Pat
 @pytest.fixture(scope="module")
 def real_sweep(tmp_path_factory) -> Path:
     """A finished 2-seed sweep (real run folders, 2 tasks at 32 px), made once for this module."""
-    from conftest import write_category
+    from helpers import write_category
 
     root = tmp_path_factory.mktemp("sweep")
     write_category(root / "data", "alpha", size=32)
@@ -486,6 +487,7 @@ def test_beyond_report_over_what_is_not_a_sweep(tmp_path: Path, real_sweep: Path
     assert not (run / "report").exists()
 
 
+@pytest.mark.slow
 def test_beyond_report_output_that_is_a_file_or_someone_elses_folder(sweep_copy: Path, tmp_path: Path, capsys) -> None:
     target = tmp_path / "out.txt"
     target.write_text("mine")
@@ -534,6 +536,7 @@ def test_beyond_report_never_reads_outside_the_sweep(sweep_copy: Path, tmp_path:
     assert set(pd.read_csv(report.out_dir / "runs.csv")["cell"]) == {"padim-sequential-seed0"}
 
 
+@pytest.mark.slow
 def test_beyond_report_survives_hand_edited_files(sweep_copy: Path) -> None:
     from clbench.reporting.report import build_report
 

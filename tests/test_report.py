@@ -95,6 +95,7 @@ def summaries(sweep_dir: Path, method: str, strategy: str, buffer: int | None) -
     return out
 
 
+@pytest.mark.slow
 def test_report_aggregates_over_seeds(tmp_path: Path) -> None:
     sweep_dir = fake_sweep(tmp_path)
     with pytest.warns(UserWarning, match="3 of 22 cells not complete"):
@@ -183,6 +184,7 @@ def test_single_replay_size_other_metric_and_shuffled_orders(tmp_path: Path) -> 
         build_report(sweep_dir, metric="nope")
 
 
+@pytest.mark.slow
 def test_other_grid_keys_become_columns_and_groups(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     entries = []
@@ -202,6 +204,7 @@ def test_other_grid_keys_become_columns_and_groups(tmp_path: Path) -> None:
         <= {p.name for p in report.files}
 
 
+@pytest.mark.slow
 def test_report_cli(tmp_path: Path, capsys) -> None:
     sweep_dir = fake_sweep(tmp_path, buffers=(10,), methods=("padim",), seeds=(0,))
     parser = argparse.ArgumentParser(prog="clbench")
@@ -247,13 +250,14 @@ def _profile_cell(sweep_dir: Path, method: str, strategy: str, seed: int, *, f1:
     return summary
 
 
+@pytest.mark.slow
 def test_paper_table_next_to_the_published_figures(tmp_path: Path, capsys) -> None:
     sweep_dir = tmp_path / "clad"
     from clbench.reporting.profile import load_profile
 
     own = load_profile("clad").differences["padim"][0]  # one of the profile's own differences: left to env.json
     padim = [_profile_cell(sweep_dir, "padim", "sequential", seed, f1=(0.2 + 0.1 * seed, 0.05, 0.25 - 0.1 * seed),
-                           method_state=1_541_030_400, differences=[own, f"--set tasks=3 (profile: paper10)"])
+                           method_state=1_541_030_400, differences=[own, "--set tasks=3 (profile: paper10)"])
              for seed in (0, 1)]
     draem = _profile_cell(sweep_dir, "draem", "replay", 0, f1=None, method_state=0,
                           differences=["--set tasks=3 (profile: paper10)", "--set image_size=64 (profile: 256)"])

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ import yaml
 
 from clbench.engine.config import ConfigError, RunConfig
 from clbench.data import list_categories, load_category
-from clbench.engine.runner import CHECKPOINT, run_experiment
+from clbench.engine.rundir import CHECKPOINT
+from clbench.engine.runner import run_experiment
 
 
 def make_config(root: Path, out: Path, **overrides) -> RunConfig:
@@ -28,6 +28,7 @@ def make_config(root: Path, out: Path, **overrides) -> RunConfig:
     return RunConfig(**base)
 
 
+@pytest.mark.slow
 def test_sequential_run_writes_the_results_contract(synthetic_root: Path, tmp_path: Path) -> None:
     run_dir = run_experiment(make_config(synthetic_root, tmp_path), progress=False)
     assert run_dir == tmp_path / "padim-sequential-resnet18-seed0"
@@ -72,6 +73,7 @@ def test_sequential_run_writes_the_results_contract(synthetic_root: Path, tmp_pa
     ]
 
 
+@pytest.mark.slow
 def test_joint_run_is_one_step_over_all_tasks(synthetic_root: Path, tmp_path: Path) -> None:
     run_dir = run_experiment(make_config(synthetic_root, tmp_path, strategy="joint"), progress=False)
     metrics = pd.read_csv(run_dir / "metrics.csv")
@@ -81,6 +83,7 @@ def test_joint_run_is_one_step_over_all_tasks(synthetic_root: Path, tmp_path: Pa
     assert summary["metrics"]["pixel_auroc"]["fm"] is None  # NaN (undefined for one step) is JSON null
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_or_overwrite(synthetic_root: Path, tmp_path: Path) -> None:
     config = make_config(synthetic_root, tmp_path, tasks=2)
     run_experiment(config, progress=False)
@@ -92,6 +95,7 @@ def test_existing_run_needs_resume_or_overwrite(synthetic_root: Path, tmp_path: 
     run_experiment(changed, overwrite=True, progress=False)
 
 
+@pytest.mark.slow
 def test_a_run_saved_with_synthetic_true_resumes_under_auto(tiny_root: Path, tmp_path: Path) -> None:
     """Runs made before ``synthetic`` became auto|true|false saved ``synthetic: true``; the key says
     only whether data may be generated (the dataset fingerprint guards the data), so it may differ."""
@@ -104,27 +108,44 @@ def test_a_run_saved_with_synthetic_true_resumes_under_auto(tiny_root: Path, tmp
     assert run_experiment(resumed, resume=True, progress=False) == run_dir
 
 
-def _cli(args: list[str]) -> subprocess.Popen:
+def _cli(args: list[str], *, kill_after_training_step: int | None = None) -> subprocess.Popen:
+    """``clbench ARGS`` in a child process; with ``kill_after_training_step`` it SIGKILLs itself
+    (no clean-up, no atexit) once that step is trained, before its results and checkpoint are written."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # two runs share 2 cores
-    return subprocess.Popen([sys.executable, "-m", "clbench", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if kill_after_training_step is None:
+        command = ["-m", "clbench", *args]
+    else:
+        command = ["-c", KILL_AFTER_TRAINING_STEP, str(kill_after_training_step), *args]
+    return subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+# The kill comes from the strategy's own hook at a known moment: no polling for a checkpoint, no race.
+KILL_AFTER_TRAINING_STEP = """
+import os, signal, sys
+from strategies.base import STRATEGIES
+from clbench.cli import main
+strategy = STRATEGIES.get("sequential")
+after_step = strategy.after_step
+def after_step_then_die(self, experience, *args, **kwargs):
+    after_step(self, experience, *args, **kwargs)
+    if experience.step == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+strategy.after_step = after_step_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_metrics(synthetic_root: Path, tmp_path: Path) -> None:
     args = ["run", "--data-root", str(synthetic_root), "--tasks", "4", "--image-size", "64", "--weights", "none",
             "--device", "cpu", "--param", "n_features=40", "--no-progress"]
     reference = _cli(args + ["--output", str(tmp_path / "ref")])
-    killed = _cli(args + ["--output", str(tmp_path / "killed")])
+    killed = _cli(args + ["--output", str(tmp_path / "killed")], kill_after_training_step=2)
+    assert killed.wait(timeout=300) == -signal.SIGKILL, killed.stderr.read().decode()
     run_dir = tmp_path / "killed" / "padim-sequential-resnet18-seed0"
-    deadline = time.time() + 120
-    while not (run_dir / CHECKPOINT).exists():
-        assert killed.poll() is None, killed.stderr.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
     assert not (run_dir / "summary.json").exists()  # it really died mid-run
-    done = torch.load(run_dir / CHECKPOINT, weights_only=True)["step"]
-    assert done < 3
+    assert torch.load(run_dir / CHECKPOINT, weights_only=True)["step"] == 1  # step 2 trained, never saved
+    assert set(pd.read_csv(run_dir / "metrics.csv").step) == {0, 1}
 
     resumed = _cli(args + ["--output", str(tmp_path / "killed"), "--resume"])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
@@ -132,10 +153,12 @@ def test_killed_run_resumes_to_identical_metrics(synthetic_root: Path, tmp_path:
     ref_dir = tmp_path / "ref" / "padim-sequential-resnet18-seed0"
     assert (run_dir / "metrics.csv").read_bytes() == (ref_dir / "metrics.csv").read_bytes()
     assert (run_dir / "summary.json").exists()
+    assert not list(run_dir.glob(".*.tmp")) and not (run_dir / "feature_cache").exists()  # nothing left behind
 
 
 def test_synthetic_data_is_generated_completed_but_never_written_into_user_data(tmp_path: Path) -> None:
-    from clbench.engine.runner import SYNTHETIC_MARKER, ensure_dataset
+    from clbench.data.root import ensure_dataset
+    from clbench.data.synth import MARKER as SYNTHETIC_MARKER
 
     root = tmp_path / "synth"
     config = RunConfig(data_root=str(root), synthetic=True, synthetic_categories=3, image_size=32)

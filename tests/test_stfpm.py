@@ -1,11 +1,10 @@
 """STFPM: a short training lowers the loss, maps are finite at input size, early stopping reads only
-the held-out good images, ``optimizer_state``, and it runs under sequential, replay and joint.
-Parity with anomalib (maps, scores, loss, SGD step): tests/test_parity_stfpm.py."""
+the held-out good images, ``optimizer_state``. Parity with anomalib (maps, scores, loss, SGD step):
+tests/test_parity_stfpm.py; runs under every strategy, resume and memory: tests/test_contract.py."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -13,7 +12,6 @@ from clbench.features.backbones import BackbonePool
 from clbench.data import ImageStore, SampleSet, load_category
 from methods.base import MethodContext, TaskData
 from methods.stfpm import STFPM, layer_distances, stfpm_loss
-from conftest import STRATEGY_CASES, engine_run
 
 
 def make_stfpm(max_epochs: int = 3, image_size: int = 64, **params) -> STFPM:
@@ -80,15 +78,3 @@ def test_without_held_out_images_all_epochs_run(synthetic_root: Path) -> None:
     store = ImageStore(64)
     model.fit_task(TaskData(0, (name,), SampleSet(category.train, store), SampleSet((), store)))
     assert model.fit_info["epochs_run"] == 2 and model.fit_info["best_epoch"] == -1
-
-
-@pytest.mark.parametrize("strategy, params", STRATEGY_CASES)
-def test_stfpm_under_each_strategy(synthetic_root: Path, tmp_path: Path, strategy: str, params: dict) -> None:
-    run_dir = engine_run("stfpm", strategy, params, synthetic_root, tmp_path)
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert metrics[metrics.metric == "pixel_auroc"].value.notna().all()
-    training = pd.read_csv(run_dir / "training.csv")
-    assert set(training.key) >= {"epochs_run", "train_loss_last"}
-    memory = pd.read_csv(run_dir / "memory.csv")
-    trainable = memory[memory.component == "model_trainable"].bytes
-    assert (trainable > 0).all()

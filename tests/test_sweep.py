@@ -111,7 +111,7 @@ def test_example_config_expands() -> None:
     ({"strategy": ["sequential"], "strategy_params.buffer_size": [20]},
      "unknown key 'buffer_size' for strategy 'sequential'"),
     ({"method": ["padim", "padimm"]}, "cell padimm-sequential-seed0: unknown method 'padimm'"),
-    ({"image_size": [64, 16]}, "'image_size' must be at least 32"),
+    ({"image_size": [64, 16]}, "image_size=16 is not an integer >= 32"),
     ({"seed": 0}, "'seed' must be a non-empty list"),
     ([{"seed": [0]}, {"seed": [1], "name": ["x"]}], "'name' is set by the sweep"),
 ])
@@ -163,6 +163,7 @@ def finished_sweep(synthetic_root: Path, tmp_path_factory):
     return spec, outcome, lines
 
 
+@pytest.mark.slow
 def test_serial_sweep_runs_then_skips_then_resumes_only_the_killed_cell(finished_sweep) -> None:
     spec, outcome, lines = finished_sweep
     assert [outcome.results[c.name].status for c in outcome.cells] == ["ran"] * 4
@@ -196,6 +197,7 @@ def test_serial_sweep_runs_then_skips_then_resumes_only_the_killed_cell(finished
     assert is_complete(victim.run_dir) and (victim.run_dir / "metrics.csv").read_bytes() == reference
 
 
+@pytest.mark.slow
 def test_a_finished_cell_that_no_longer_matches_the_spec_is_reported(finished_sweep, tmp_path: Path) -> None:
     spec, outcome, _ = finished_sweep
     data = yaml.safe_load(spec.read_text())
@@ -207,6 +209,7 @@ def test_a_finished_cell_that_no_longer_matches_the_spec_is_reported(finished_sw
     assert "val_fraction: was 0.1, the spec says 0.2" in result.results["padim-joint-seed0"].error
 
 
+@pytest.mark.slow
 def test_report_of_a_real_sweep(finished_sweep) -> None:
     import numpy as np
     import pandas as pd
@@ -238,6 +241,7 @@ def test_report_of_a_real_sweep(finished_sweep) -> None:
     assert "| padim  | sequential |      0 |     2 |" in report.markdown
 
 
+@pytest.mark.slow
 def test_process_pool_runs_cells_in_parallel_and_reports_a_failing_cell(synthetic_root: Path, tmp_path: Path,
                                                                          capsys) -> None:
     first = sorted(p.name for p in synthetic_root.iterdir() if (p / "train").is_dir())[0]
@@ -262,6 +266,7 @@ def crash_on_seed1(cell: Cell) -> CellResult:
     return CellResult(cell.name, "ran")
 
 
+@pytest.mark.slow
 def test_a_dying_worker_fails_only_its_own_cell(tmp_path: Path) -> None:
     cells = [Cell(f"c-seed{i}", {}, {}, str(tmp_path)) for i in range(3)]
     results = {r.name: r for r in LocalExecutor(2).map(crash_on_seed1, cells)}
@@ -269,6 +274,7 @@ def test_a_dying_worker_fails_only_its_own_cell(tmp_path: Path) -> None:
     assert "worker process died" in results["c-seed1"].error
 
 
+@pytest.mark.slow
 def test_ray_executor(synthetic_root: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     spec = write_spec(tmp_path / "spec.yaml", synthetic_root, {"seed": [0, 1]}, tasks=1)

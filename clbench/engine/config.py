@@ -1,47 +1,81 @@
-"""Run configuration: defaults, YAML + flag overrides, validation with one clear error per fault."""
+"""Run configuration: defaults, YAML + flag overrides, validation with one clear error per fault.
+
+Every field is declared with the values it allows (``clbench.params.setting``), next to its default;
+``validate`` checks them all, and the rules between fields, with one line naming key and value."""
 from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from clbench.params import (
+    BACKBONE, NON_NEGATIVE, PATH, POSITIVE, POSITIVE_INT, Check, ConfigError, Interval, Options, Rule, Text,
+    check_values, field_constraints, setting,
+)
 
-class ConfigError(ValueError):
-    """A bad key or value in a config; the message names it."""
+__all__ = ["ConfigError", "RunConfig", "check_run_name", "from_mapping", "load", "read_yaml_mapping", "run_name_problem",
+           "validate", "yaml_error"]
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+MIN_IMAGE_SIZE = 32
+
+
+def _is_task_spec(value: Any) -> bool:
+    return (isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+            or (isinstance(value, list) and all(isinstance(t, str) for t in value)))
+
+
+def _run_name_or_none(value: Any) -> str | None:
+    return None if value is None else run_name_problem(value)
+
+
+TASKS = Check("a list of categories, all, a count or a preset", _is_task_spec)
+DEVICE = Check("one of auto, cpu, cuda, cuda:N",
+               lambda v: isinstance(v, str) and DEVICE_PATTERN.fullmatch(v) is not None)
+RUN_NAME = Check("a plain folder name", lambda v: _run_name_or_none(v) is None, _run_name_or_none)
+IMAGE_SIZE = Interval(int, MIN_IMAGE_SIZE, None)
 
 
 @dataclass
 class RunConfig:
     """Everything that defines a run. The resolved form is written to ``config.yaml``."""
 
-    method: str = "padim"
-    method_params: dict[str, Any] = field(default_factory=dict)
-    strategy: str = "sequential"
-    strategy_params: dict[str, Any] = field(default_factory=dict)
-    tasks: Any = "all"  # list of categories | "all" | count | preset ("mvtec", "paper10")
-    task_order: str = "given"  # "given" | "shuffle" (seeded)
-    data_root: str = "data/synthetic"
-    synthetic: bool | str = "auto"  # auto: generate the built-in synthetic dataset only at the default data_root; true: at data_root; false: never (clbench.data.root)
-    synthetic_categories: int = 15
-    image_size: int = 128  # images are resized to image_size x image_size ...
-    crop_size: int | None = None  # ... then center-cropped to crop_size (PaDiM/PatchCore/CFA: 256 -> 224); None: no crop
-    val_fraction: float = 0.1  # held-out good training images (never the test set)
-    backbone: str | None = None  # overrides the method's backbone hyper-parameter
-    weights: str = "auto"  # auto | none | imagenet | <path to a local weights file>
-    require_pretrained: bool = False  # refuse to start if a backbone's weights resolve to random init
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    eval_batch_size: int = 32
-    epochs_scale: float = 1.0  # scales trainable methods' epochs (e.g. 0.1 for short runs)
-    max_epochs: int | None = None  # caps trainable methods' epochs
-    feature_cache_gb: float = 4.0  # RAM for cached frozen-backbone features; spills to disk beyond
-    output_dir: str = "results"
-    name: str | None = None  # run folder name; default <method>-<strategy>-<backbone>-seed<seed> (runner.default_run_name)
-    paper_profile: dict[str, Any] | None = None  # set by `clbench reproduce`: {name, differences} (recorded in env.json)
+    method: str = setting("padim", Text("a method name"))
+    method_params: dict[str, Any] = setting({}, dict)  # each checked by the method's table (engine.validation)
+    strategy: str = setting("sequential", Text("a strategy name"))
+    strategy_params: dict[str, Any] = setting({}, dict)
+    tasks: Any = setting("all", TASKS)  # list of categories | "all" | count | preset ("mvtec", "paper10")
+    task_order: str = setting("given", Options("given", "shuffle"))  # "given" | "shuffle" (seeded)
+    data_root: str = setting("data/synthetic", PATH)
+    # auto: generate the built-in synthetic dataset only at the default data_root; true: at data_root; false:
+    # never (clbench.data.root)
+    synthetic: bool | str = setting("auto", Options("auto", True, False))
+    synthetic_categories: int = setting(15, POSITIVE_INT)
+    image_size: int = setting(128, IMAGE_SIZE)  # images are resized to image_size x image_size ...
+    # ... then center-cropped to crop_size (PaDiM/PatchCore/CFA: 256 -> 224); None: no crop
+    crop_size: int | None = setting(None, [None, IMAGE_SIZE])
+    # held-out good training images (never the test set)
+    val_fraction: float = setting(0.1, Interval(float, 0, 1, closed="left"))
+    backbone: str | None = setting(None, [None, BACKBONE])  # overrides the method's backbone hyper-parameter
+    # auto | none | imagenet | <path to a local weights file>
+    weights: str = setting("auto", Text("auto, none, imagenet or a path"))
+    require_pretrained: bool = setting(False, bool)  # refuse to start if a backbone's weights resolve to random init
+    seed: int = setting(0, Interval(int, 0, None))
+    device: str = setting("auto", DEVICE)  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = setting(32, POSITIVE_INT)
+    epochs_scale: float = setting(1.0, POSITIVE)  # scales trainable methods' epochs (e.g. 0.1 for short runs)
+    max_epochs: int | None = setting(None, [None, POSITIVE_INT])  # caps trainable methods' epochs
+    # RAM for cached frozen-backbone features; spills to disk beyond
+    feature_cache_gb: float = setting(4.0, NON_NEGATIVE)
+    output_dir: str = setting("results", PATH)
+    # run folder name; default <method>-<strategy>-<backbone>-seed<seed> (runner.default_run_name)
+    name: str | None = setting(None, RUN_NAME)
+    # set by `clbench reproduce`: {name, differences} (recorded in env.json)
+    paper_profile: dict[str, Any] | None = setting(None, [None, dict])
 
     @property
     def eval_size(self) -> int:
@@ -53,14 +87,11 @@ class RunConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+CONSTRAINTS = field_constraints(RunConfig)
+RULES = (
+    Rule(("crop_size", "image_size"), lambda c: c["crop_size"] is None or c["crop_size"] <= c["image_size"],
+         "crop_size <= image_size"),
+)
 
 
 def run_name_problem(name: Any) -> str | None:
@@ -95,38 +126,10 @@ def check_run_name(name: Any, what: str = "name") -> str:
 
 
 def validate(config: RunConfig, source: str = "config") -> RunConfig:
-    """Check types and ranges of the engine's own keys (methods check their own parameters)."""
-    c = config
-    for key in ("method", "strategy", "task_order", "data_root", "weights", "device", "output_dir"):
-        _check(isinstance(getattr(c, key), str) and getattr(c, key), f"{source}: '{key}' must be a non-empty string, got {getattr(c, key)!r}")
-    for key in ("method_params", "strategy_params"):
-        _check(isinstance(getattr(c, key), dict), f"{source}: '{key}' must be a mapping, got {getattr(c, key)!r}")
-    for key in ("image_size", "eval_batch_size", "synthetic_categories"):
-        value = getattr(c, key)
-        _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{source}: '{key}' must be a positive integer, got {value!r}")
-    _check(c.image_size >= 32, f"{source}: 'image_size' must be at least 32, got {c.image_size}")
-    if c.crop_size is not None:
-        _check(isinstance(c.crop_size, int) and not isinstance(c.crop_size, bool), f"{source}: 'crop_size' must be an integer or null, got {c.crop_size!r}")
-        _check(32 <= c.crop_size <= c.image_size, f"{source}: 'crop_size' must be in 32..image_size ({c.image_size}), got {c.crop_size}")
-    _check(isinstance(c.require_pretrained, bool), f"{source}: 'require_pretrained' must be true or false, got {c.require_pretrained!r}")
-    _check(c.paper_profile is None or isinstance(c.paper_profile, dict), f"{source}: 'paper_profile' must be a mapping or null, got {c.paper_profile!r}")
-    _check(isinstance(c.seed, int) and not isinstance(c.seed, bool) and c.seed >= 0, f"{source}: 'seed' must be a non-negative integer, got {c.seed!r}")
-    _check(isinstance(c.val_fraction, (int, float)) and 0 <= c.val_fraction < 1, f"{source}: 'val_fraction' must be in [0, 1), got {c.val_fraction!r}")
-    _check(isinstance(c.feature_cache_gb, (int, float)) and c.feature_cache_gb >= 0, f"{source}: 'feature_cache_gb' must be >= 0, got {c.feature_cache_gb!r}")
-    _check(isinstance(c.epochs_scale, (int, float)) and not isinstance(c.epochs_scale, bool) and c.epochs_scale > 0, f"{source}: 'epochs_scale' must be > 0, got {c.epochs_scale!r}")
-    _check(c.max_epochs is None or (isinstance(c.max_epochs, int) and not isinstance(c.max_epochs, bool) and c.max_epochs > 0), f"{source}: 'max_epochs' must be a positive integer, got {c.max_epochs!r}")
-    _check(isinstance(c.synthetic, bool) or c.synthetic == "auto", f"{source}: 'synthetic' must be auto, true or false, got {c.synthetic!r}")
-    _check(c.backbone is None or (isinstance(c.backbone, str) and c.backbone), f"{source}: 'backbone' must be a timm model name, got {c.backbone!r}")
-    if c.name is not None:
-        check_run_name(c.name, f"{source}: 'name'")
-    _check(DEVICE_PATTERN.fullmatch(c.device) is not None, f"{source}: 'device' must be auto, cpu, cuda or cuda:N, got {c.device!r}")
-    tasks_ok = (
-        isinstance(c.tasks, str)
-        or (isinstance(c.tasks, int) and not isinstance(c.tasks, bool))
-        or (isinstance(c.tasks, list) and all(isinstance(t, str) for t in c.tasks))
-    )
-    _check(tasks_ok, f"{source}: 'tasks' must be a list of categories, 'all', a count or a preset, got {c.tasks!r}")
-    return c
+    """Check every field against its declared constraint, then the rules between fields (the method's
+    and strategy's own parameters: ``clbench.engine.validation.validate_run``)."""
+    check_values({key: getattr(config, key) for key in _FIELDS}, CONSTRAINTS, RULES, source)
+    return config
 
 
 def from_mapping(data: Mapping[str, Any], source: str = "config") -> RunConfig:

@@ -199,7 +199,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - whatever a foreign file makes the readers raise is its fault
-        from clbench.engine.runner import load_problem
+        from clbench.engine.rundir import load_problem
 
         reason = load_problem(err) if not isinstance(err, KeyError) else "not a torch file"
         raise ConfigError(f"weights: {path}: not a weights file ({reason})") from None

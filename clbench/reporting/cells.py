@@ -1,9 +1,9 @@
 """A sweep's cells as the report reads them: ``sweep.yaml`` entries (or the run folders found), each
 cell's parameters and state, and a complete cell's files checked before anything of them is used
-(``check_complete_cell``: a truncated or edited ``metrics.csv`` makes the cell *damaged*)."""
+(``check_complete_cell``: a truncated or edited ``metrics.csv`` makes the cell *damaged*). A cell's
+files are read through ``clbench.engine.rundir.RunFolder``."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import numbers
@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import yaml
 
 from clbench import __version__ as CLBENCH_VERSION
-from clbench.sweep.spec import SWEEP_FORMAT
+from clbench.engine.rundir import CONFIG, TABLES, RunFileDamaged, RunFolder, read_checked_csv, read_mapping
+from clbench.sweep.spec import RUNS, SWEEP_FORMAT
 
 
 if TYPE_CHECKING:
@@ -48,24 +49,6 @@ class CellInfo:
 # --------------------------------------------------------------------------------------------
 # reading the cells
 # --------------------------------------------------------------------------------------------
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping, or {} (missing, unreadable, invalid, or not a mapping)."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object, or {} (missing, unreadable, invalid, or not an object)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _dotted(mapping: dict[str, Any], key: str) -> Any:
     node: Any = mapping
     for part in key.split("."):
@@ -89,15 +72,6 @@ def _scalar(value: Any) -> Any:
 def _grid_keys(grid: Any) -> list[str]:
     grids = grid if isinstance(grid, list) else [grid]
     return list(dict.fromkeys(k for g in grids if isinstance(g, dict) for k in g if isinstance(k, str)))
-
-
-def _steps_done(run_dir: Path) -> int:
-    import pandas as pd
-
-    try:
-        return int(pd.read_csv(run_dir / "metrics.csv", usecols=["step"])["step"].nunique())
-    except (OSError, ValueError, KeyError, UnicodeDecodeError):
-        return 0
 
 
 def _int(value: Any, default: int = 0) -> int:
@@ -130,24 +104,25 @@ def _entries(sweep_dir: Path, spec: dict[str, Any]) -> tuple[list[tuple[str, Pat
             if not isinstance(name, str) or not name:
                 entries.append((f"cell #{i + 1}", sweep_dir, {}, "sweep.yaml: this entry has no name"))
                 continue
-            run_dir = sweep_dir / str(c.get("run_dir") or f"runs/{name}")
+            run_dir = sweep_dir / str(c.get("run_dir") or f"{RUNS}/{name}")
             config = c.get("config") if isinstance(c.get("config"), dict) else {}
             problem = "" if _inside(run_dir, sweep_dir) else f"sweep.yaml: run_dir {c.get('run_dir')!r} is outside the sweep folder"
             entries.append((name, run_dir, config, problem))
         extras = [k for k in _grid_keys(spec.get("grid")) if k not in STANDARD_GRID_KEYS]
         listed = {path.resolve() for _, path, _, _ in entries}
-        others = sorted(p.parent.name for p in sweep_dir.glob("runs/*/config.yaml") if p.parent.resolve() not in listed)
+        others = sorted(p.parent.name for p in sweep_dir.glob(f"{RUNS}/*/{CONFIG}") if p.parent.resolve() not in listed)
         if others:
             warnings.warn(f"{sweep_dir}: run folders not in sweep.yaml are left out: {', '.join(others)}", stacklevel=4)
         return entries, extras
-    folders = sorted(p.parent for p in sweep_dir.glob("runs/*/config.yaml")) or sorted(
-        p.parent for p in sweep_dir.glob("*/config.yaml"))
+    folders = sorted(p.parent for p in sweep_dir.glob(f"{RUNS}/*/{CONFIG}")) or sorted(
+        p.parent for p in sweep_dir.glob(f"*/{CONFIG}"))
     return [(p.name, p, {}, "") for p in folders], []
 
 
 def _not_a_sweep(sweep_dir: Path) -> str:
     """The one line for a folder with no cells: say what it is when we can tell."""
-    if (sweep_dir / "config.yaml").is_file() and (sweep_dir / "metrics.csv").is_file():
+    folder = RunFolder(sweep_dir)
+    if folder.is_started() and folder.csv_path("metrics").is_file():
         return f"{sweep_dir}: this is a run folder, not a sweep (its plots: clbench plot {sweep_dir})"
     return f"{sweep_dir}: not a sweep folder (no sweep.yaml and no run folders runs/*/config.yaml)"
 
@@ -182,12 +157,12 @@ def load_cells(sweep_dir: str | Path) -> tuple[list[CellInfo], list[str], str]:
     the extra grid keys that become columns, and the sweep's name. A complete cell whose files do
     not hold up (``check_complete_cell``) is ``damaged``, with the problem as its note."""
     sweep_dir = Path(sweep_dir)
-    spec = _read_yaml(sweep_dir / "sweep.yaml")
+    spec = read_mapping(sweep_dir / "sweep.yaml", yaml.safe_load)
     fmt = spec.get("format")
     if isinstance(fmt, int) and fmt > SWEEP_FORMAT:
         raise ValueError(f"{sweep_dir / 'sweep.yaml'}: written by a newer clbench ({spec.get('clbench_version', '?')}, "
                          f"format {fmt}; this clbench {CLBENCH_VERSION} reads format {SWEEP_FORMAT}): update clbench")
-    status = _read_json(sweep_dir / "status.json").get("cells")
+    status = read_mapping(sweep_dir / "status.json").get("cells")
     status = status if isinstance(status, dict) else {}
     entries, extras = _entries(sweep_dir, spec)
     if not entries:
@@ -201,14 +176,14 @@ def _load_cell(name: str, run_dir: Path, spec_config: dict[str, Any], problem: s
                extras: Sequence[str]) -> CellInfo:
     if problem:
         return CellInfo(name, run_dir, _params(spec_config, {}, extras), "damaged", note=problem)
-    started = (run_dir / "config.yaml").is_file()
-    config = (_read_yaml(run_dir / "config.yaml") or spec_config) if started else spec_config
-    env = _read_json(run_dir / "env.json")
+    folder = RunFolder(run_dir)
+    started = folder.is_started()
+    config = (folder.config() or spec_config) if started else spec_config
+    env = folder.env()
     params = _params(config, env, extras)
     state = status if isinstance(status, dict) else {}
     error = state.get("error") if isinstance(state.get("error"), str) else None
-    summary_path = run_dir / "summary.json"
-    summary = _read_json(summary_path)
+    summary = folder.summary()
     tasks = config.get("tasks") if isinstance(config.get("tasks"), list) else []
     if summary.get("complete") is True:
         cell = CellInfo(name, run_dir, params, "complete", summary=summary, version=_version(env))
@@ -216,7 +191,7 @@ def _load_cell(name: str, run_dir: Path, spec_config: dict[str, Any], problem: s
         if problem:
             cell.status, cell.note = "damaged", problem
         cell.tasks = [str(t) for t in summary.get("tasks") or []] if isinstance(summary.get("tasks"), list) else []
-    elif summary_path.is_file() and not summary:
+    elif folder.summary_path.is_file() and not summary:
         cell = CellInfo(name, run_dir, params, "damaged", note="summary.json is unreadable or not a JSON object",
                         version=_version(env))
     elif not started:
@@ -224,7 +199,7 @@ def _load_cell(name: str, run_dir: Path, spec_config: dict[str, Any], problem: s
     elif state.get("status") == "running elsewhere":
         cell = CellInfo(name, run_dir, params, "running elsewhere", note=error or "", tasks=[str(t) for t in tasks])
     else:
-        steps = _steps_done(run_dir)
+        steps = folder.steps_done()
         note = f"{steps} step(s) done, no summary.json"
         cell = CellInfo(name, run_dir, params, "failed" if error else "incomplete",
                         note=f"{error} ({note})" if error else note, tasks=[str(t) for t in tasks])
@@ -236,12 +211,9 @@ def _load_cell(name: str, run_dir: Path, spec_config: dict[str, Any], problem: s
 # --------------------------------------------------------------------------------------------
 # checking a complete cell's files (W07: a truncated metrics.csv must not reach the aggregates)
 # --------------------------------------------------------------------------------------------
-METRICS_COLUMNS = ("step", "trained_task", "eval_task", "metric", "value")
-MEMORY_COLUMNS = ("step", "component", "bytes")
-
-
-class CellDamaged(Exception):
-    """One line: what is wrong with a complete cell's files."""
+METRICS_COLUMNS = TABLES["metrics"].columns
+CellDamaged = RunFileDamaged  # one line: what is wrong with a complete cell's files
+_read_table = read_checked_csv  # a complete run's CSV, strictly
 
 
 def check_complete_cell(cell: CellInfo) -> str:
@@ -253,10 +225,11 @@ def check_complete_cell(cell: CellInfo) -> str:
     format) would put wrong numbers into the report without a word."""
     try:
         steps, tasks, metrics = _summary_shape(cell.summary or {})
-        cell.metrics = _read_table(cell.run_dir / "metrics.csv", METRICS_COLUMNS)
+        folder = RunFolder(cell.run_dir)
+        cell.metrics = folder.checked_table("metrics")
         _check_metrics(cell.metrics, steps, tasks, metrics, cell.summary["metrics"])
-        cell.memory = _read_table(cell.run_dir / "memory.csv", MEMORY_COLUMNS)
-        _check_steps(cell.memory, steps, "memory.csv")
+        cell.memory = folder.checked_table("memory")
+        _check_steps(cell.memory, steps, TABLES["memory"].file)
     except CellDamaged as err:
         cell.metrics = cell.memory = None
         return str(err)
@@ -272,46 +245,6 @@ def _summary_shape(summary: dict[str, Any]) -> tuple[int, list[str], list[str]]:
     return steps, tasks, sorted(metrics)
 
 
-NAN_TEXT = ("", "nan", "NaN")  # how pandas writes a NaN metric (an undefined one is legitimate)
-
-
-def _read_table(path: Path, columns: Sequence[str]) -> "pd.DataFrame":
-    """A CSV the runner wrote: complete lines, the expected columns, integer steps, numbers in the
-    last column. Read as text first: a task named "NA" or "null" stays a name, not a NaN."""
-    import pandas as pd
-
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CellDamaged(f"{path.name} is missing") from None
-    except OSError as err:
-        raise CellDamaged(f"{path.name} is unreadable ({err.strerror or err})") from None
-    if not raw.strip():
-        raise CellDamaged(f"{path.name} is empty")
-    if not raw.endswith(b"\n"):
-        raise CellDamaged(f"{path.name} ends in the middle of a row (truncated)")
-    try:
-        frame = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
-    except (ValueError, UnicodeDecodeError) as err:  # pandas' ParserError is a ValueError
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CellDamaged(f"{path.name} is unreadable ({reason})") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise CellDamaged(f"{path.name} has no column '{missing[0]}' (a different clbench format?)")
-    step = pd.to_numeric(frame["step"], errors="coerce")
-    bad = frame.index[step.isna() | (step % 1 != 0)]
-    if len(bad):
-        raise CellDamaged(f"{path.name} line {int(bad[0]) + 2}: step {frame['step'].iloc[bad[0]]!r} is not a whole number")
-    frame["step"] = step.astype(int)
-    number = columns[-1]
-    values = pd.to_numeric(frame[number].where(~frame[number].isin(NAN_TEXT)), errors="coerce")
-    bad = frame.index[values.isna() & ~frame[number].isin(NAN_TEXT)]
-    if len(bad):
-        raise CellDamaged(f"{path.name} line {int(bad[0]) + 2}: {number} {frame[number].iloc[bad[0]]!r} is not a number")
-    frame[number] = values.astype(float)
-    return frame
-
-
 def _check_steps(frame: "pd.DataFrame", steps: int, name: str) -> None:
     found = sorted(set(frame["step"]))
     if found != list(range(steps)):
@@ -321,7 +254,7 @@ def _check_steps(frame: "pd.DataFrame", steps: int, name: str) -> None:
 
 def _check_metrics(frame: "pd.DataFrame", steps: int, tasks: list[str], metrics: list[str],
                    stats: dict[str, dict[str, Any]]) -> None:
-    _check_steps(frame, steps, "metrics.csv")
+    _check_steps(frame, steps, TABLES["metrics"].file)
     present = sorted(set(frame["metric"]))
     if present != metrics:
         lost = [m for m in metrics if m not in present]
@@ -383,16 +316,12 @@ def _cell_values(cell: CellInfo) -> dict[str, float]:
 def _started_rows(cell: CellInfo) -> "pd.DataFrame | None":
     """metrics.csv rows of a cell for runs.csv: a complete cell's checked frame; an unfinished
     cell's rows if the file reads; a damaged cell's never (its rows are not trusted)."""
-    import pandas as pd
-
     if cell.complete:
         return cell.metrics.copy()
     if cell.status == "damaged":
         return None
-    from clbench.reporting.plots import read_csv_texts
-
     try:
-        frame = read_csv_texts(cell.run_dir / "metrics.csv", METRICS_COLUMNS)
+        frame = RunFolder(cell.run_dir).read_csv("metrics")
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return frame if all(c in frame.columns for c in METRICS_COLUMNS) else None

@@ -1,7 +1,8 @@
 """Figures for one clbench run: accuracy heatmap, forgetting curves, memory.
 
 Every plot reads the tidy files a run writes (``metrics.csv``, ``memory.csv``,
-``config.yaml``, ``env.json``) and must cope with partially finished runs
+``config.yaml``, ``env.json``; through ``clbench.engine.rundir.RunFolder``, which also
+owns the accuracy-matrix pivot) and must cope with partially finished runs
 (fewer steps than tasks), joint runs (one step, ``trained_task == "joint"``)
 and NaN values. PNGs are written atomically so a killed process never leaves
 a truncated image behind.
@@ -16,7 +17,6 @@ in colour only; the annotation always prints the true value.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -30,11 +30,11 @@ matplotlib.use("Agg")  # must precede the pyplot import: plots run headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from clbench.engine.atomic import write_with  # noqa: E402
+from clbench.engine.rundir import RunFolder, accuracy_matrix, numeric, step_labels  # noqa: E402
 
 __all__ = [
     "accuracy_matrix",
@@ -56,54 +56,8 @@ NAN_COLOUR = "#d9d9d9"
 
 
 # --------------------------------------------------------------------------
-# data shaping
+# data shaping (the matrix itself: ``clbench.engine.rundir.accuracy_matrix``)
 # --------------------------------------------------------------------------
-def _numeric(values: pd.Series) -> pd.Series:
-    """Coerce to float so stray strings ("nan", "") become NaN instead of crashing."""
-    return pd.to_numeric(values, errors="coerce").astype(float)
-
-
-def _step_labels(frame: pd.DataFrame) -> pd.Series:
-    """Map step -> 'step k: <trained_task>' (first trained_task seen for that step)."""
-    first = frame.sort_values("step", kind="stable").groupby("step", sort=True)["trained_task"].first()
-    return pd.Series({int(s): f"step {int(s)}: {t}" for s, t in first.items()})
-
-
-def _ordered_tasks(seen: Sequence[str], tasks: Sequence[str] | None) -> list[str]:
-    """Stream order: given tasks first (all of them), then any unexpected extras."""
-    if tasks is None:
-        return list(dict.fromkeys(seen))
-    ordered = list(dict.fromkeys(tasks))
-    return ordered + [t for t in dict.fromkeys(seen) if t not in ordered]
-
-
-def accuracy_matrix(
-    metrics: pd.DataFrame,
-    metric: str = "pixel_auroc",
-    tasks: Sequence[str] | None = None,
-) -> pd.DataFrame:
-    """Rows = step (labelled 'step k: <trained_task>'), columns = eval tasks in stream order.
-
-    Columns follow ``tasks`` if given (tasks never evaluated yet become NaN
-    columns), else the order of first appearance of ``eval_task``. Duplicate
-    observations of one (step, eval_task) are averaged. Raises ValueError if
-    ``metric`` does not occur at all, listing the metrics that do.
-    """
-    sel = metrics[metrics["metric"] == metric].copy()
-    if sel.empty:
-        available = sorted(metrics["metric"].dropna().unique().tolist())
-        raise ValueError(f"metric {metric!r} not in metrics (available: {available})")
-    sel["step"] = sel["step"].astype(int)
-    sel["value"] = _numeric(sel["value"])
-    wide = sel.groupby(["step", "eval_task"], sort=True)["value"].mean().unstack("eval_task")
-    wide = wide.reindex(columns=_ordered_tasks(sel["eval_task"].tolist(), tasks))
-    labels = _step_labels(sel)
-    wide.index = [labels[int(s)] for s in wide.index]
-    wide.index.name = "step"
-    wide.columns.name = "eval_task"
-    return wide
-
-
 def colour_range(metric: str) -> tuple[float, float]:
     """Fixed colour range per metric (see module docstring for why)."""
     return (0.5, 1.0) if metric.endswith("auroc") else (0.0, 1.0)
@@ -121,28 +75,21 @@ def _learned_step(metrics: pd.DataFrame) -> dict[str, int]:
 # --------------------------------------------------------------------------
 # titles
 # --------------------------------------------------------------------------
-def _read_mapping(path: Path, parse) -> dict[str, Any]:
-    """A mapping from ``path`` via ``parse``; {} if missing, and {} with a warning if unreadable
-    (a title is never worth failing a plot over)."""
-    if not path.is_file():
-        return {}
-    try:
-        data = parse(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        warnings.warn(f"{path}: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                      "the titles show '?'", stacklevel=3)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def read_title_info(run_dir: str | Path) -> dict[str, Any]:
-    """Collect title fields from config.yaml / env.json; missing or unreadable files give '?' rather than fail."""
-    run_dir = Path(run_dir)
-    config = _read_mapping(run_dir / "config.yaml", yaml.safe_load)
-    env = _read_mapping(run_dir / "env.json", json.loads)
+    """Title fields from the run's config and env; missing or unreadable files give '?' (an
+    unreadable one with a warning: a title is never worth failing a plot over). The replay
+    buffer's size is the config's ``strategy_params.buffer_size``."""
+    folder = RunFolder(run_dir)
+
+    def warn(problem: str) -> None:
+        warnings.warn(f"{problem}; the titles show '?'", stacklevel=5)
+
+    config = folder.config(on_error=warn)
+    env = folder.env(on_error=warn)
     weights = env.get("weights") if isinstance(env.get("weights"), dict) else {}
+    strategy_params = config.get("strategy_params") if isinstance(config.get("strategy_params"), dict) else {}
     try:
-        replay = int(config.get("replay_size") or 0)
+        replay = int(strategy_params.get("buffer_size") or 0)
     except (TypeError, ValueError):
         replay = 0
     tasks = config.get("tasks")
@@ -153,7 +100,7 @@ def read_title_info(run_dir: str | Path) -> dict[str, Any]:
         "pretrained": weights.get("pretrained"),
         "replay_size": replay,
         "tasks": [str(t) for t in tasks] if isinstance(tasks, list) else [],
-        "run": run_dir.name,
+        "run": folder.path.name,
     }
 
 
@@ -311,9 +258,9 @@ def _memory_tables(memory: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, li
     """Split memory.csv into persistent components and peak_* columns, in MB, rows = step."""
     frame = memory.copy()
     frame["step"] = frame["step"].astype(int)
-    frame["mb"] = _numeric(frame["bytes"]) / BYTES_PER_MB
+    frame["mb"] = numeric(frame["bytes"]) / BYTES_PER_MB
     wide = frame.groupby(["step", "component"], sort=True)["mb"].sum(min_count=1).unstack("component")
-    labels = _step_labels(frame)
+    labels = step_labels(frame)
     index_labels = [labels[int(s)] for s in wide.index]
     preferred = ["model_params", "method_state", "replay_buffer"]
     persistent = [c for c in preferred if c in wide.columns]
@@ -358,43 +305,6 @@ def plot_memory(memory: pd.DataFrame, out_path: str | Path, *, title_info: dict[
 # --------------------------------------------------------------------------
 # whole run
 # --------------------------------------------------------------------------
-METRICS_COLUMNS = ("step", "trained_task", "eval_task", "metric", "value")
-MEMORY_COLUMNS = ("step", "trained_task", "component", "bytes")
-TEXT_COLUMNS = ("trained_task", "eval_task", "metric", "component")  # names stay text: '01' is not 1
-NAN_TEXT = ["", "nan", "NaN"]
-
-
-def read_csv_texts(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
-    """``pd.read_csv`` with the name columns kept as text, exactly as written: categories named
-    ``01``/``02`` (BTAD) stay strings, and a category named ``NA`` is not a missing value."""
-    text = {c: str for c in columns if c in TEXT_COLUMNS}
-    return pd.read_csv(path, dtype=text, keep_default_na=False,
-                       na_values={c: NAN_TEXT for c in columns if c not in text})
-
-
-def read_run_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
-    """A CSV a run wrote, or one ValueError naming the file: unreadable, not the expected columns,
-    or steps that are not whole numbers. A last row cut mid-line (a damaged copy) is dropped, with
-    a warning."""
-    try:
-        raw = path.read_bytes()
-        frame = read_csv_texts(path, columns)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty") from None
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: unreadable ({reason})") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: no column '{missing[0]}' (not a clbench {path.name})")
-    if raw and not raw.endswith(b"\n") and len(frame):
-        warnings.warn(f"{path}: ends in the middle of a row (truncated); that row is left out", stacklevel=3)
-        frame = frame.iloc[:-1]
-    if pd.to_numeric(frame["step"], errors="coerce").isna().any():
-        raise ValueError(f"{path}: a step that is not a number")
-    return frame
-
-
 def _safe_name(metric: str) -> str:
     """File-name-safe version of a metric name."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in metric)
@@ -407,15 +317,15 @@ def plot_run(run_dir: str | Path, metrics: Sequence[str] = ("pixel_auroc",)) -> 
     (absent ones are skipped with a warning), plus the memory plot when
     memory.csv exists. Raises FileNotFoundError if metrics.csv is absent.
     """
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.csv"
+    folder = RunFolder(run_dir)
+    metrics_path = folder.csv_path("metrics")
     if not metrics_path.is_file():
-        raise FileNotFoundError(f"metrics.csv not found: {metrics_path}")
+        raise FileNotFoundError(f"{metrics_path.name} not found: {metrics_path}")
     if isinstance(metrics, str):  # plot_run(d, "pixel_aupro") would otherwise iterate characters
         metrics = (metrics,)
-    frame = read_run_csv(metrics_path, METRICS_COLUMNS)
-    info = read_title_info(run_dir)
-    out_dir = run_dir / "plots"
+    frame = folder.metrics()
+    info = read_title_info(folder.path)
+    out_dir = folder.plots_dir
     written: list[Path] = []
     present = set(frame["metric"].dropna().astype(str))
     for metric in metrics:
@@ -425,15 +335,15 @@ def plot_run(run_dir: str | Path, metrics: Sequence[str] = ("pixel_auroc",)) -> 
         name = _safe_name(metric)
         written.append(plot_accuracy_heatmap(frame, out_dir / f"heatmap_{name}.png", metric=metric, title_info=info))
         written.append(plot_forgetting_curves(frame, out_dir / f"forgetting_{name}.png", metric=metric, title_info=info))
-    memory_path = run_dir / "memory.csv"
+    memory_path = folder.csv_path("memory")
     if memory_path.is_file():
         try:
-            memory = read_run_csv(memory_path, MEMORY_COLUMNS)
+            memory = folder.memory()
         except ValueError as err:
             warnings.warn(f"{err}; skipping the memory plot", stacklevel=2)
             memory = pd.DataFrame()
         if not memory.empty:
             written.append(plot_memory(memory, out_dir / "memory.png", title_info=info))
     else:
-        warnings.warn(f"memory.csv not found: {memory_path}; skipping the memory plot", stacklevel=2)
+        warnings.warn(f"{memory_path.name} not found: {memory_path}; skipping the memory plot", stacklevel=2)
     return written

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ import yaml
 from clbench.engine import atomic
 from clbench.engine.config import ConfigError, RunConfig, from_mapping
 from clbench.engine.locks import FolderLocked, holder_pid, locked_by, run_lock
+from clbench.engine.rundir import RunFolder
 from clbench.sweep.executors import CellFn, Executor, _apply_threads, make_executor
 from clbench.sweep.spec import (
     LOGS, MAX_CELLS, RUNS, STATUS_FILE, SWEEP_ENTRIES, SWEEP_FILE, SWEEP_FORMAT, Cell, CellResult, SweepSpec,
@@ -33,11 +33,8 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # one cell (runs in a worker)
 # --------------------------------------------------------------------------------------------
 def is_complete(run_dir: Path) -> bool:
-    path = Path(run_dir) / "summary.json"
-    try:
-        return json.loads(path.read_text()).get("complete") is True
-    except (OSError, ValueError, AttributeError):
-        return False
+    """A finished cell (``RunFolder.is_complete``: its summary says complete)."""
+    return RunFolder(run_dir).is_complete()
 
 
 def stale_key(cell: Cell) -> str | None:
@@ -48,10 +45,10 @@ def stale_key(cell: Cell) -> str | None:
     the keys the spec sets (the saved ones carry defaults too)."""
     from clbench.engine.runner import RESUME_FREE_KEYS
 
-    path = cell.run_dir / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+    folder = RunFolder(cell.run_dir)
+    problems: list[str] = []
+    saved = folder.config(on_error=problems.append)
+    if problems or not folder.config_path.is_file():  # unreadable or gone: nothing to compare
         return None
 
     def differs(have: Any, want: Any, prefix: str) -> str | None:
@@ -90,7 +87,7 @@ def run_cell(cell: Cell) -> CellResult:
 def _run_locked(cell: Cell, start: float) -> CellResult:
     if is_complete(cell.run_dir):
         return CellResult(cell.name, "skipped")
-    resume = (cell.run_dir / "config.yaml").is_file()
+    resume = RunFolder(cell.run_dir).is_started()
     logger = logging.getLogger("clbench")
     level = logger.level
     handler: logging.Handler | None = None
@@ -188,7 +185,7 @@ def _prepare_datasets(cells: Sequence[Cell]) -> None:
     exists. A later cell's task spec that does not resolve there is that cell's own failure (it
     fails with the same line when it runs; nothing was generated for it), not the sweep's."""
     from clbench.data import DatasetError
-    from clbench.engine.runner import ensure_dataset
+    from clbench.data.root import ensure_dataset
 
     seen: set[tuple] = set()
     roots: set[str] = set()
@@ -244,7 +241,7 @@ def run_sweep(
         raise ConfigError(f"{sweep_dir}: {what}; choose another 'name' or --output")
     outcome = SweepOutcome(sweep_dir, cells)
     todo = _plan(cells, outcome)
-    resume = sum((c.run_dir / "config.yaml").is_file() for c in todo)
+    resume = sum(RunFolder(c.run_dir).is_started() for c in todo)
     busy = outcome.count("busy")
     describe = getattr(runner, "describe", lambda: type(runner).__name__)()
     echo(f"sweep {spec.name}: {len(cells)} cells in {sweep_dir} - {outcome.count('skipped')} finished, "
@@ -253,7 +250,7 @@ def run_sweep(
     if dry_run:
         for cell in cells:
             result = outcome.results.get(cell.name)
-            state = result.status if result else ("resume" if (cell.run_dir / "config.yaml").is_file() else "run")
+            state = result.status if result else ("resume" if RunFolder(cell.run_dir).is_started() else "run")
             echo(f"  {state:8s} {cell.name}" + (f": {result.error}" if result and result.busy else ""))
         return outcome
 

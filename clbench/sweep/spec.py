@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from clbench.engine.config import ConfigError, RunConfig, from_mapping
+from clbench.engine.config import ConfigError, RunConfig
 
 
 SPEC_KEYS = ("name", "output_dir", "base", "grid", "per_method")
@@ -318,23 +318,10 @@ def _unique_name(name: str, seen: Mapping[str, Cell]) -> str:
 
 
 def validate_cell(cell: Cell, source: str = "sweep") -> RunConfig:
-    """Everything about a cell that can be checked without data: RunConfig keys and values, the
-    method and strategy names and their parameter names (what the runner checks at start-up)."""
-    where = f"{source}: cell {cell.name}"
-    config = from_mapping(cell.config, where)
-    from methods.base import METHODS
-    from strategies.base import STRATEGIES
+    """Everything about a cell that can be checked without data (``clbench.engine.validation``, what
+    the runner checks at start-up): RunConfig keys and values, the method and strategy and every one
+    of their parameters' names and values."""
+    from clbench.engine.validation import validate_run
 
-    try:
-        method_cls = METHODS.get(config.method)
-        method_cls.resolve_params(config.method_params)
-        if config.backbone is not None and "backbone" not in method_cls.hyperparameters:
-            raise ConfigError(f"backbone: method '{config.method}' takes no backbone")
-        strategy_cls = STRATEGIES.get(config.strategy)
-        unknown = sorted(set(config.strategy_params) - set(strategy_cls.hyperparameters))
-        if unknown:
-            known = ", ".join(sorted(strategy_cls.hyperparameters)) or "none"
-            raise ConfigError(f"strategy_params: unknown key '{unknown[0]}' for strategy '{config.strategy}' (known: {known})")
-    except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    return config
+    where = f"{source}: cell {cell.name}"
+    return validate_run(cell.config, where, where).config

@@ -54,21 +54,27 @@ No frozen backbone. Images in [0, 1] (``batch.pixels / 255``, not ImageNet-norma
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from clbench.data import Batch
+from clbench.engine import seeding
 from clbench.features.maps import finite_or_raise
+from clbench.params import (
+    FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, ODD_POSITIVE_INT, PATH, POSITIVE, POSITIVE_INT, Interval, ListOf, Options,
+    Param,
+)
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
 from methods.draem.losses import SSIM_PADDINGS, draem_loss_terms
 from methods.draem.networks import DiscriminativeNetwork, ReconstructiveNetwork, init_weights
 from methods.draem.simulator import AnomalySource, rotate_normal_images, synthesize_anomalies
+from methods.training import train_task
 
 
 DRAEM_SIZE, DRAEM_FILTER = 256, 21
-ROTATION_STREAM = 1 << 62  # offset of the rotation generator's seed from the simulator's
 
 
 def draem_filter_size(image_size: int) -> int:
@@ -77,58 +83,61 @@ def draem_filter_size(image_size: int) -> int:
     return max(1, 2 * int(math.floor((scaled - 1) / 2 + 0.5)) + 1)
 
 
+@dataclass
+class SimulatedBatch:
+    """A training batch after DRAEM's augmentation, on the device: the (rotated) normal images in
+    [0, 1] (the reconstruction target), their simulated-anomaly versions, the masks (B, 1, H, W), and
+    the rotation angles (NaN: not rotated)."""
+
+    clean: torch.Tensor
+    augmented: torch.Tensor
+    masks: torch.Tensor
+    angles: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+
 @METHODS.register("draem")
 class DRAEM(AnomalyMethod):
     hyperparameters = {
-        "base_width": 128,
-        "disc_base_width": 64,
-        "anomaly_source": None,  # folder of texture images (e.g. DTD); None: procedural textures
-        "p_anomalous": 0.5,
-        "beta": [0.1, 1.0],
-        "perlin_threshold": 0.5,
-        "perlin_min_scale": 0,
-        "perlin_max_scale": None,  # None: 6 at 256 px, cells never under 4 px (see methods.draem.simulator)
-        "ssim_weight": 1.0,
-        "ssim_window": 11,
-        "focal_gamma": 2.0,
-        "ssim_padding": "zeros",  # DRAEM's; "reflect": kornia's (anomalib's)
-        "focal_alpha": 1.0,
-        "focal_smooth": 1e-5,  # DRAEM's FocalLoss label smoothing; 0: plain focal loss
-        "p_rotate": 0.3,  # DRAEM rotates 30 % of the normal training images
-        "rotate_degrees": 90.0,  # by an angle uniform in [-90, 90]
-        "mean_filter": None,  # None: 21 at 256 px scaled with the image size (odd)
-        "epochs": 50,
-        "batch_size": 4,
-        "lr": 1e-4,
-        "lr_milestones": [0.8, 0.9],  # fractions of the task's epochs (DRAEM)
-        "lr_gamma": 0.2,
+        "base_width": Param(128, POSITIVE_INT),
+        "disc_base_width": Param(64, POSITIVE_INT),
+        "anomaly_source": Param(None, [None, PATH]),  # folder of texture images (e.g. DTD); None: procedural textures
+        "p_anomalous": Param(0.5, FRACTION),
+        "beta": Param([0.1, 1.0], ListOf(FRACTION, length=2)),  # the texture's opacity: uniform in [beta[0], beta[1]]
+        "perlin_threshold": Param(0.5, float),
+        "perlin_min_scale": Param(0, NON_NEGATIVE_INT),
+        # None: 6 at 256 px, cells never under 4 px (see methods.draem.simulator)
+        "perlin_max_scale": Param(None, [None, NON_NEGATIVE_INT]),
+        "ssim_weight": Param(1.0, NON_NEGATIVE),
+        "ssim_window": Param(11, ODD_POSITIVE_INT),
+        "focal_gamma": Param(2.0, NON_NEGATIVE),
+        "ssim_padding": Param("zeros", Options(*SSIM_PADDINGS)),  # DRAEM's; "reflect": kornia's (anomalib's)
+        "focal_alpha": Param(1.0, NON_NEGATIVE),
+        # DRAEM's FocalLoss label smoothing; 0: plain focal loss
+        "focal_smooth": Param(1e-5, Interval(float, 0, 0.5, closed="left")),
+        "p_rotate": Param(0.3, FRACTION),  # DRAEM rotates 30 % of the normal training images
+        "rotate_degrees": Param(90.0, Interval(float, 0, 180)),  # by an angle uniform in [-90, 90]
+        "mean_filter": Param(None, [None, ODD_POSITIVE_INT]),  # None: 21 at 256 px scaled with the image size (odd)
+        "epochs": Param(50, POSITIVE_INT),
+        "batch_size": Param(4, POSITIVE_INT),
+        "lr": Param(1e-4, NON_NEGATIVE),
+        "lr_milestones": Param([0.8, 0.9], ListOf(FRACTION)),  # fractions of the task's epochs (DRAEM)
+        "lr_gamma": Param(0.2, POSITIVE),
         "optimizer_state": "reset",  # reset | keep (see AnomalyMethod.task_optimiser)
     }
 
     def __init__(self, context: MethodContext, **params: Any) -> None:
         super().__init__(context, **params)
         p = self.params
-        for key in ("base_width", "disc_base_width"):
-            if not (isinstance(p[key], int) and p[key] > 0):
-                raise ValueError(f"method_params: {key} must be a positive integer, got {p[key]!r}")
-        if p["ssim_padding"] not in SSIM_PADDINGS:
-            raise ValueError(f"method_params: ssim_padding '{p['ssim_padding']}' is not one of {', '.join(SSIM_PADDINGS)}")
-        if not (isinstance(p["p_rotate"], (int, float)) and 0 <= p["p_rotate"] <= 1):
-            raise ValueError(f"method_params: p_rotate must be in [0, 1], got {p['p_rotate']!r}")
-        if not (isinstance(p["rotate_degrees"], (int, float)) and 0 <= p["rotate_degrees"] <= 180):
-            raise ValueError(f"method_params: rotate_degrees must be in [0, 180], got {p['rotate_degrees']!r}")
-        if not (isinstance(p["focal_smooth"], (int, float)) and 0 <= p["focal_smooth"] < 0.5):
-            raise ValueError(f"method_params: focal_smooth must be in [0, 0.5), got {p['focal_smooth']!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
             self.reconstructive = ReconstructiveNetwork(p["base_width"])
             self.discriminative = DiscriminativeNetwork(p["disc_base_width"])
             self.apply(init_weights)
         self.source = AnomalySource(p["anomaly_source"], context.image_size)
-        size = p["mean_filter"] if p["mean_filter"] is not None else draem_filter_size(context.image_size)
-        if not (isinstance(size, int) and size >= 1 and size % 2 == 1):
-            raise ValueError(f"method_params: mean_filter must be an odd positive integer, got {size!r}")
-        self.filter_size = size
+        self.filter_size = p["mean_filter"] if p["mean_filter"] is not None else draem_filter_size(context.image_size)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,64 +149,71 @@ class DRAEM(AnomalyMethod):
         logits = self.discriminative(torch.cat([x, reconstruction], dim=1))
         return reconstruction[..., :h, :w], logits[..., :h, :w]
 
-    def loss(self, images: torch.Tensor, reconstruction: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, images: torch.Tensor, reconstruction: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor,
+        by_term: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """l2 + ssim + focal; ``by_term``: the three named terms instead (the trainer sums them in
+        this order and logs each)."""
         p = self.params
         terms = draem_loss_terms(
             images, reconstruction, logits, masks, ssim_weight=p["ssim_weight"], ssim_window=p["ssim_window"],
             ssim_padding=p["ssim_padding"], focal_gamma=p["focal_gamma"], focal_alpha=p["focal_alpha"],
             focal_smooth=p["focal_smooth"],
         )
+        if by_term:
+            return {"l2": terms["l2"], "ssim": terms["ssim"], "focal": terms["focal"]}
         return terms["l2"] + terms["ssim"] + terms["focal"]
 
     def _images(self, batch: Batch) -> torch.Tensor:
         return batch.pixels.to(self.context.device).float() / 255
 
     # -- learning --------------------------------------------------------------------------------
-    def fit_task(self, data: TaskData) -> None:
+    def simulate(self, batch: Batch, step_seed: int, epoch: int, index: int) -> SimulatedBatch:
+        """DRAEM's training batch ``index`` of ``epoch``: some normal images rotated, then anomalies
+        simulated on them, each from the batch's own stream (``seeding.rotation_seed``,
+        ``seeding.simulation_seed``), so a resumed run draws the same."""
         p = self.params
         device = self.context.device
+        rotation = torch.Generator().manual_seed(seeding.rotation_seed(step_seed, epoch, index))
+        pixels, angles = rotate_normal_images(batch.pixels, rotation, p=p["p_rotate"], degrees=p["rotate_degrees"])
+        generator = torch.Generator().manual_seed(seeding.simulation_seed(step_seed, epoch, index))
+        clean = pixels.float() / 255
+        augmented, masks = synthesize_anomalies(
+            clean, self.source, generator, p_anomalous=p["p_anomalous"], beta=tuple(p["beta"]),
+            threshold=p["perlin_threshold"], min_scale=p["perlin_min_scale"], max_scale=p["perlin_max_scale"],
+        )
+        return SimulatedBatch(clean.to(device), augmented.to(device), masks.to(device), angles)
+
+    def _training_loss(self, batch: SimulatedBatch) -> dict[str, torch.Tensor]:
+        reconstruction, logits = self(batch.augmented)
+        return self.loss(batch.clean, reconstruction, logits, batch.masks, True)  # True: by term
+
+    def fit_task(self, data: TaskData) -> None:
+        p = self.params
         optimiser = self.task_optimiser(lambda: torch.optim.Adam(self.parameters(), lr=p["lr"]))
         epochs = self.num_epochs(p["epochs"])
         milestones = sorted({int(f * epochs) for f in p["lr_milestones"]} - {0})
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=milestones, gamma=p["lr_gamma"])
-        first_loss = last_loss = math.nan
         anomalous = synthetic = rotated = 0.0
         n_images = 0
-        for epoch in range(epochs):
-            self.train()
-            total, count = 0.0, 0
-            for index, batch in enumerate(data.train.batches(p["batch_size"], shuffle=True, seed=data.seed * 1000 + epoch)):
-                seed = data.seed * 1_000_003 + epoch * 100_003 + index
-                pixels, angles = rotate_normal_images(
-                    batch.pixels, torch.Generator().manual_seed(ROTATION_STREAM + seed), p=p["p_rotate"], degrees=p["rotate_degrees"]
-                )
-                generator = torch.Generator().manual_seed(seed)
-                clean = pixels.float() / 255
-                augmented, masks = synthesize_anomalies(
-                    clean, self.source, generator, p_anomalous=p["p_anomalous"], beta=tuple(p["beta"]),
-                    threshold=p["perlin_threshold"], min_scale=p["perlin_min_scale"], max_scale=p["perlin_max_scale"],
-                )
-                clean, augmented, masks = clean.to(device), augmented.to(device), masks.to(device)
-                reconstruction, logits = self(augmented)
-                loss = self.loss(clean, reconstruction, logits, masks)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"DRAEM: non-finite training loss at epoch {epoch} of {data.task_names}")
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total += loss.item() * len(batch)
-                count += len(batch)
-                anomalous += float((masks.flatten(1).amax(1) > 0).sum())
-                synthetic += float(masks.mean()) * len(batch)
-                rotated += float((~angles.isnan()).sum())
-                n_images += len(batch)
-            scheduler.step()
-            last_loss = total / count
-            first_loss = last_loss if epoch == 0 else first_loss
-        self.eval()
+
+        def prepare(batch: Batch, epoch: int, index: int) -> SimulatedBatch:
+            nonlocal anomalous, synthetic, rotated, n_images
+            simulated = self.simulate(batch, data.seed, epoch, index)
+            anomalous += float((simulated.masks.flatten(1).amax(1) > 0).sum())
+            synthetic += float(simulated.masks.mean()) * len(batch)
+            rotated += float((~simulated.angles.isnan()).sum())
+            n_images += len(batch)
+            return simulated
+
+        result = train_task(
+            self, data, self._training_loss, optimiser, epochs=epochs, batch_size=p["batch_size"],
+            prepare=prepare, scheduler=scheduler,
+        )
         self.fit_info = {
-            "epochs_run": epochs, "epochs_max": epochs,
-            "train_loss_first": first_loss, "train_loss_last": last_loss,
+            "epochs_run": result.epochs_run, "epochs_max": epochs,
+            "train_loss_first": result.first_loss, "train_loss_last": result.last_loss,
             "anomaly_source_procedural": float(self.source.procedural),
             "anomaly_source_images": float(len(self.source.paths)),
             "synthetic_anomalous_fraction": anomalous / max(n_images, 1),  # images with a non-empty mask

@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.efficientad.networks import MODEL_SIZES, adam, build_pdn, load_pdn_weights, pdn_output_size
+from methods.training import train_loop
 
 
 PROVENANCE_FORMAT = "clbench-pdn-teacher/1"
@@ -258,32 +259,26 @@ def distill_teacher(
 
         optimiser = adam(model.parameters(), lr, weight_decay)
         generator = torch.Generator().manual_seed(seed)
-        first_loss = last_loss = math.nan
         batch = min(batch_size, n)
         steps = epochs * math.ceil(n / batch)
         bar = tqdm(total=steps, desc=f"distil PDN-{model_size} from {backbone_name}", unit="it", disable=not progress, leave=False)
-        model.train()
-        for epoch in range(epochs):
+
+        def epoch_rows(epoch: int) -> Iterator[torch.Tensor]:
+            """The epoch's batches of image rows, from one seeded permutation per epoch."""
             order = torch.randperm(n, generator=generator)
-            total_loss, seen = 0.0, 0
             for i in range(0, n, batch):
-                rows = order[i:i + batch]
-                target = (targets(rows) - mean) / std
-                loss = F.mse_loss(model(normalize(pixels[rows].to(device))), target)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"distill_teacher: non-finite loss at epoch {epoch}")
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total_loss += loss.item() * len(rows)
-                seen += len(rows)
+                yield order[i:i + batch]
                 bar.update(1)
-            last_loss = total_loss / seen
-            first_loss = last_loss if epoch == 0 else first_loss
+
+        def loss(rows: torch.Tensor) -> torch.Tensor:
+            target = (targets(rows) - mean) / std
+            return F.mse_loss(model(normalize(pixels[rows].to(device))), target)
+
+        result = train_loop(loss, optimiser, epochs=epochs, batches=epoch_rows, modules=[model], label="distill_teacher")
         bar.close()
     model = model.cpu()
     provenance.update(
-        first_loss=first_loss, final_loss=last_loss, seconds=round(time.perf_counter() - start, 3),
+        first_loss=result.first_loss, final_loss=result.last_loss, seconds=round(time.perf_counter() - start, 3),
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     state = {"state_dict": model.state_dict(), "provenance": provenance}

@@ -101,7 +101,6 @@ All state (networks, statistics, quantiles, teacher provenance) is in parameters
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -115,6 +114,9 @@ import torch.nn.functional as F
 
 from clbench.data import IMAGENET_MEAN, IMAGENET_STD, Batch, normalize
 from clbench.features.maps import finite_or_raise, upsample
+from clbench.params import (
+    BACKBONE, FRACTION, LAYERS, NON_NEGATIVE, PATH, POSITIVE_INT, Interval, Options, Param, Rule,
+)
 from methods.base import METHODS, AnomalyMethod, MethodContext, Prediction, TaskData
 from methods.efficientad.distill import add_distill_parser, distill_teacher, provenance_path
 from methods.efficientad.networks import (
@@ -128,6 +130,7 @@ from methods.efficientad.networks import (
     pdn_output_size,
 )
 from methods.efficientad.penalty import PenaltySource
+from methods.training import train_task
 
 log = logging.getLogger("clbench.efficientad")
 
@@ -210,47 +213,47 @@ def read_provenance(path: Path, stored: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
+OPEN_FRACTION = Interval(float, 0, 1, closed="neither")  # a map quantile
+
+
 @METHODS.register("efficientad")
 class EfficientAD(AnomalyMethod):
     hyperparameters = {
-        "model_size": "small",  # small | medium (seed 003's counts are medium's)
-        "out_channels": 384,
-        "padding": False,  # PDN convolutions without padding for detection (EfficientAD, anomalib)
-        "pad_maps": True,  # pad the maps by 4 before upsampling (anomalib)
-        "batch_size": 1,  # seed 003: 1 (+1 replayed)
-        "epochs": 70,
-        "patience": 7,
-        "lr": 1e-4,
-        "weight_decay": 1e-5,
-        "lr_drop_at": 0.95,  # fraction of the step's iterations after which the lr drops 10x (1: never)
+        "model_size": Param("small", Options(*MODEL_SIZES)),  # small | medium (seed 003's counts are medium's)
+        "out_channels": Param(384, POSITIVE_INT),
+        "padding": Param(False, bool),  # PDN convolutions without padding for detection (EfficientAD, anomalib)
+        "pad_maps": Param(True, bool),  # pad the maps by 4 before upsampling (anomalib)
+        "batch_size": Param(1, POSITIVE_INT),  # seed 003: 1 (+1 replayed)
+        "epochs": Param(70, POSITIVE_INT),
+        "patience": Param(7, POSITIVE_INT),
+        "lr": Param(1e-4, NON_NEGATIVE),
+        "weight_decay": Param(1e-5, NON_NEGATIVE),
+        # fraction of the step's iterations after which the lr drops 10x (1: never)
+        "lr_drop_at": Param(0.95, FRACTION),
         "optimizer_state": "reset",  # reset: fresh Adam per step | keep: one Adam for the stream (clad)
-        "hard_quantile": 0.999,
-        "q_a": 0.9,
-        "q_b": 0.995,
-        "teacher_stats": "step",  # step | cumulative
-        "teacher_weights": None,  # PDN teacher file (clbench distill-teacher); None: a stand-in (warned)
-        "backbone": "wide_resnet50_2",  # the stand-in teacher's distillation source (run's weights setting)
-        "layers": ["layer2", "layer3"],
-        "standin_images": 200,  # generic images the stand-in teacher is distilled on (never task images)
-        "distill_epochs": 20,
-        "distill_batch_size": 16,
-        "distill_lr": 1e-4,
-        "teacher_cache": None,  # None: $CLBENCH_CACHE/teachers or ~/.cache/clbench/teachers
-        "penalty_dir": None,  # e.g. imagenette2/train; None: procedural penalty images
-        "penalty_images": 200,  # pool size
+        "hard_quantile": Param(0.999, FRACTION),
+        "q_a": Param(0.9, OPEN_FRACTION),  # map quantiles of the normalisation, q_a < q_b (parameter_rules)
+        "q_b": Param(0.995, OPEN_FRACTION),
+        "teacher_stats": Param("step", Options("step", "cumulative")),
+        # PDN teacher file (clbench distill-teacher); None: a stand-in (warned)
+        "teacher_weights": Param(None, [None, PATH]),
+        # the stand-in teacher's distillation source (run's weights setting)
+        "backbone": Param("wide_resnet50_2", BACKBONE),
+        "layers": Param(["layer2", "layer3"], LAYERS),
+        # generic images the stand-in teacher is distilled on (never task images)
+        "standin_images": Param(200, POSITIVE_INT),
+        "distill_epochs": Param(20, POSITIVE_INT),
+        "distill_batch_size": Param(16, POSITIVE_INT),
+        "distill_lr": Param(1e-4, NON_NEGATIVE),
+        "teacher_cache": Param(None, [None, PATH]),  # None: $CLBENCH_CACHE/teachers or ~/.cache/clbench/teachers
+        "penalty_dir": Param(None, [None, PATH]),  # e.g. imagenette2/train; None: procedural penalty images
+        "penalty_images": Param(200, POSITIVE_INT),  # pool size
     }
+    parameter_rules = (Rule(("q_a", "q_b"), lambda p: p["q_a"] < p["q_b"], "q_a < q_b"),)
 
     def __init__(self, context: MethodContext, **params: Any) -> None:
         super().__init__(context, **params)
         p = self.params
-        if p["model_size"] not in MODEL_SIZES:
-            raise ValueError(f"method_params: model_size '{p['model_size']}' is not one of {', '.join(MODEL_SIZES)}")
-        if p["teacher_stats"] not in ("step", "cumulative"):
-            raise ValueError(f"method_params: teacher_stats '{p['teacher_stats']}' is not one of step, cumulative")
-        if not 0.0 < p["q_a"] < p["q_b"] < 1.0:
-            raise ValueError(f"method_params: need 0 < q_a < q_b < 1, got q_a={p['q_a']}, q_b={p['q_b']}")
-        if int(p["standin_images"]) < 1:
-            raise ValueError(f"method_params: standin_images must be >= 1, got {p['standin_images']}")
         channels = int(p["out_channels"])
         self.channels = channels
         size = context.image_size
@@ -500,65 +503,29 @@ class EfficientAD(AnomalyMethod):
         per_epoch = math.ceil(len(data.train) / p["batch_size"])
         scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, int(p["lr_drop_at"] * epochs * per_epoch)), gamma=0.1)
         generator = torch.Generator().manual_seed(data.seed)
-        best_loss, best_state, best_epoch, stale = math.inf, None, -1, 0
-        first_loss = last_loss = math.nan
-        parts_last: dict[str, float] = {}
-        epoch, iterations = -1, 0
-        train_start = time.perf_counter()
-        for epoch in range(epochs):
-            self.student.train()
-            self.autoencoder.train()
-            total, count = 0.0, 0
-            parts = {"st": 0.0, "penalty": 0.0, "ae": 0.0, "stae": 0.0}
-            for batch in data.train.batches(p["batch_size"], shuffle=True, seed=data.seed * 1000 + epoch):
-                losses = self.training_losses(batch.pixels, penalty.sample(p["batch_size"], generator, self.context.device), generator)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-                    raise FloatingPointError(
-                        f"EfficientAD: non-finite training loss at epoch {epoch} of {data.task_names} ({values})"
-                    )
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                scheduler.step()
-                iterations += 1
-                total += loss.item()
-                count += 1
-                for key, value in losses.items():
-                    parts[key] += value.item()
-            last_loss = total / max(count, 1)
-            parts_last = {k: v / max(count, 1) for k, v in parts.items()}
-            first_loss = last_loss if epoch == 0 else first_loss
-            if len(data.val) == 0:
-                continue
-            val_loss = self._validation_loss(data)
-            if not math.isfinite(val_loss):
-                raise FloatingPointError(f"EfficientAD: non-finite validation loss at epoch {epoch} of {data.task_names}")
-            if val_loss < best_loss:
-                best_loss, best_epoch, stale = val_loss, epoch, 0
-                best_state = (copy.deepcopy(self.student.state_dict()), copy.deepcopy(self.autoencoder.state_dict()))
-            else:
-                stale += 1
-                if stale >= p["patience"]:
-                    break
-        if best_state is not None:
-            self.student.load_state_dict(best_state[0])
-            self.autoencoder.load_state_dict(best_state[1])
-        self.student.eval()
-        self.autoencoder.eval()
-        train_seconds = time.perf_counter() - train_start
+
+        def loss(batch: Batch) -> dict[str, torch.Tensor]:
+            """The iteration's four named losses; the penalty images are drawn first (the order of draws)."""
+            return self.training_losses(batch.pixels, penalty.sample(p["batch_size"], generator, self.context.device), generator)
+
+        result = train_task(
+            self, data, loss, optimiser, epochs=epochs, batch_size=p["batch_size"],
+            modules=[self.student, self.autoencoder],  # the teacher stays frozen, in eval mode
+            scheduler=scheduler, scheduler_interval="iteration", average="iterations",
+            validate=(lambda: self._validation_loss(data)) if len(data.val) else None, patience=p["patience"],
+        )
 
         from_val = len(data.val) > 0
         quantile_images = self._compute_quantiles(data.val if from_val else data.train, data.seed)
         (qa_st, qb_st), (qa_ae, qb_ae) = self.quantiles.tolist()
         info.update({
-            "epochs_run": epoch + 1, "epochs_max": epochs, "iterations": iterations, "iterations_per_epoch": per_epoch,
-            "best_epoch": best_epoch, "train_loss_first": first_loss, "train_loss_last": last_loss,
-            "val_loss_best": best_loss, **{f"loss_{k}_last": v for k, v in parts_last.items()},
+            "epochs_run": result.epochs_run, "epochs_max": epochs, "iterations": result.iterations,
+            "iterations_per_epoch": per_epoch, "best_epoch": result.best_epoch, "train_loss_first": result.first_loss,
+            "train_loss_last": result.last_loss, "val_loss_best": result.best_val_loss,
+            **{f"loss_{k}_last": v for k, v in result.last_parts.items()},
             "quantiles_from_val": float(from_val), "quantile_images": float(quantile_images),
             "q_a_local": qa_st, "q_b_local": qb_st, "q_a_global": qa_ae, "q_b_global": qb_ae,
-            "seconds_train": train_seconds, "seconds_fit": time.perf_counter() - start,
+            "seconds_train": result.seconds, "seconds_fit": time.perf_counter() - start,
         })
         self.fit_info = info
 

@@ -61,6 +61,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from clbench.params import NON_NEGATIVE, POSITIVE_INT, Options, Param
 from methods.base import METHODS
 from methods.flows.common import FLOW_HYPERPARAMETERS, FlowMethod, SubnetConstructor, conv
 
@@ -133,16 +134,14 @@ def normalize_variant(variant: Any) -> str:
 @METHODS.register("cainnflow")
 class CAINNFlow(FlowMethod):
     display_name = "CAINNFlow"
-    hyperparameters = {**FLOW_HYPERPARAMETERS, "variant": "CAC", "flow_steps": 2, "reduction": 16, "lr": 5e-4}
+    hyperparameters = {
+        **FLOW_HYPERPARAMETERS,
+        "variant": Param("CAC", Options(*VARIANTS, ignore_case=True)),
+        "flow_steps": Param(2, POSITIVE_INT),
+        "reduction": Param(16, POSITIVE_INT),
+        "lr": Param(5e-4, NON_NEGATIVE),
+    }
     # backbone: FLOW_HYPERPARAMETERS' wide_resnet50_2 (the paper's best, Table 4)
-
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        super().check_params(params)
-        normalize_variant(params["variant"])
-        reduction = params["reduction"]
-        if not isinstance(reduction, int) or isinstance(reduction, bool) or reduction < 1:
-            raise ValueError(f"method_params: reduction must be a positive integer, got {reduction!r}")
 
     @classmethod
     def subnet_for_step(cls, params: Mapping[str, Any], step: int) -> SubnetConstructor:

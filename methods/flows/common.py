@@ -55,6 +55,7 @@ from torch import nn
 from clbench.features.backbones import feature_info
 from clbench.data import Batch
 from clbench.features.maps import finite_or_raise
+from clbench.params import BACKBONE, LAYERS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Interval, ListOf, Param
 from methods.base import AnomalyMethod, MethodContext, Prediction, TaskData
 from methods.training import fit_epochs
 
@@ -62,19 +63,20 @@ SubnetConstructor = Callable[[int, int], nn.Module]
 
 # Hyper-parameters every flow method takes (each method overrides some defaults).
 FLOW_HYPERPARAMETERS: dict[str, Any] = {
-    "backbone": "wide_resnet50_2",  # seed 003 s. 1.8.3 (and the paper's code, hard-coded)
-    "layers": ["layer1", "layer2", "layer3"],
-    "flow_steps": 8,
-    "hidden_ratio": 1.0,
-    "clamp": 2.0,  # AllInOneBlock affine_clamping
-    "norm_affine": True,  # learnable LayerNorm affine (references); False = the paper's code in effect
-    "batch_size": 32,  # seed 003: 32 (+32 replayed)
-    "epochs": 15,  # seed 003: 15 epochs per task
-    "lr": 1e-3,
-    "weight_decay": 1e-5,
-    "adam_betas": [0.9, 0.999],  # torch's defaults (FastFlow, anomalib); the paper's code: [0.5, 0.99]
+    "backbone": Param("wide_resnet50_2", BACKBONE),  # seed 003 s. 1.8.3 (and the paper's code, hard-coded)
+    "layers": Param(["layer1", "layer2", "layer3"], LAYERS),
+    "flow_steps": Param(8, POSITIVE_INT),
+    "hidden_ratio": Param(1.0, POSITIVE),
+    "clamp": Param(2.0, POSITIVE),  # AllInOneBlock affine_clamping
+    "norm_affine": Param(True, bool),  # learnable LayerNorm affine (references); False = the paper's code in effect
+    "batch_size": Param(32, POSITIVE_INT),  # seed 003: 32 (+32 replayed)
+    "epochs": Param(15, POSITIVE_INT),  # seed 003: 15 epochs per task
+    "lr": Param(1e-3, NON_NEGATIVE),
+    "weight_decay": Param(1e-5, NON_NEGATIVE),
+    # torch's defaults (FastFlow, anomalib); the paper's code: [0.5, 0.99]
+    "adam_betas": Param([0.9, 0.999], ListOf(Interval(float, 0, 1, closed="left"), length=2)),
     "optimizer_state": "reset",  # reset | keep (see AnomalyMethod.task_optimiser)
-    "patience": None,  # None: no early stopping; an int: epochs without held-out improvement
+    "patience": Param(None, [None, POSITIVE_INT]),  # None: no early stopping; N: epochs without held-out improvement
 }
 
 
@@ -108,8 +110,6 @@ def build_flow_stage(
 ) -> SequenceINN:
     """One 2D flow on a (C, h, w) feature map: ``steps`` FrEIA AllInOneBlocks; block ``i`` builds its
     coupling subnet with ``subnet_for_step(i)`` (called by FrEIA as ``f(channels_in, channels_out)``)."""
-    if steps < 1:
-        raise ValueError(f"method_params: flow_steps must be >= 1, got {steps}")
     stage = SequenceINN(*dims)
     for step in range(steps):
         stage.append(AllInOneBlock, subnet_constructor=subnet_for_step(step), affine_clamping=clamp, permute_soft=False)
@@ -141,30 +141,13 @@ def likelihood_maps(zs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
 class FlowMethod(AnomalyMethod):
     """Frozen backbone -> LayerNorm per level -> one 2D flow per level; trained by maximum likelihood.
 
-    Subclasses set ``hyperparameters`` and define ``subnet_for_step`` (the coupling subnets); they
-    may check their parameters in ``check_params``.
+    Subclasses set ``hyperparameters`` (``FLOW_HYPERPARAMETERS`` and their own ``Param`` entries) and
+    define ``subnet_for_step`` (the coupling subnets).
     """
 
     display_name = "flow"
 
     # -- construction (class-level so parameter counts need no backbone) ----------------------
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        steps = params["flow_steps"]
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"method_params: flow_steps must be a positive integer, got {steps!r}")
-        if not float(params["hidden_ratio"]) > 0:
-            raise ValueError(f"method_params: hidden_ratio must be > 0, got {params['hidden_ratio']!r}")
-        if not float(params["clamp"]) > 0:
-            raise ValueError(f"method_params: clamp must be > 0, got {params['clamp']!r}")
-        betas = params["adam_betas"]
-        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
-                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-            raise ValueError(f"method_params: adam_betas must be two numbers in [0, 1), got {betas!r}")
-        patience = params["patience"]
-        if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
-            raise ValueError(f"method_params: patience must be None or a positive integer, got {patience!r}")
-
     @classmethod
     def subnet_for_step(cls, params: Mapping[str, Any], step: int) -> SubnetConstructor:
         raise NotImplementedError
@@ -186,7 +169,6 @@ class FlowMethod(AnomalyMethod):
     def parameter_counts(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
         """Numbers of parameters from the architecture alone (no backbone weights, no training)."""
         p = cls.resolve_params(params)
-        cls.check_params(p)
         channels, reductions = feature_info(p["backbone"], p["layers"])
         dims = feature_dims(channels, reductions, image_size)
         with torch.device("meta"):  # shapes only: no memory, no initialisation (41M weights for WRN50)
@@ -211,7 +193,6 @@ class FlowMethod(AnomalyMethod):
     def __init__(self, context: MethodContext, **params: Any) -> None:
         super().__init__(context, **params)
         p = self.params
-        self.check_params(p)
         self.backbone = context.backbones.get(p["backbone"], p["layers"])
         self.dims = feature_dims(self.backbone.channels, self.backbone.reductions, context.image_size)
         self.norms = self.build_norms(p, self.dims)

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from clbench.params import Param
 from methods.base import METHODS
 from methods.flows.common import FLOW_HYPERPARAMETERS, FlowMethod, SubnetConstructor, conv
 
@@ -51,7 +52,7 @@ def conv_subnet(kernel_size: int, hidden_ratio: float) -> SubnetConstructor:
 @METHODS.register("fastflow")
 class FastFlow(FlowMethod):
     display_name = "FastFlow"
-    hyperparameters = {**FLOW_HYPERPARAMETERS, "conv3x3_only": False}
+    hyperparameters = {**FLOW_HYPERPARAMETERS, "conv3x3_only": Param(False, bool)}
 
     @classmethod
     def subnet_for_step(cls, params: Mapping[str, Any], step: int) -> SubnetConstructor:
