@@ -1,4 +1,4 @@
-"""Command line: ``clbench run | sweep | reproduce | report | data synth | data check | memory | plot``."""
+"""Command line: ``clbench run | sweep | reproduce | report | data synth | data check | data convert | memory | plot``."""
 from __future__ import annotations
 
 import argparse
@@ -79,7 +79,8 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--config", type=Path, help="YAML config (flags override its keys)")
     p.add_argument("--method", help="method name (see `clbench methods`)")
     p.add_argument("--strategy", help="sequential | joint | replay")
-    p.add_argument("--tasks", help="comma list of categories, 'all', a count N (first N) or a preset (mvtec, paper10)")
+    p.add_argument("--tasks", help="comma list of categories, 'all', a count N (first N), a preset (mvtec, paper10, "
+                                   "visa, dne) or a protocol (mvtec:10-5, visa:8-1x4, 10-5: steps of several categories)")
     p.add_argument("--task-order", dest="task_order", choices=["given", "shuffle"])
     p.add_argument("--backbone", help="timm model name, e.g. resnet18, wide_resnet50_2")
     p.add_argument("--weights", help="auto | none | imagenet | PATH to a local weights file")
@@ -94,6 +95,8 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--epochs-scale", dest="epochs_scale", type=float, help="scale trainable methods' epochs (e.g. 0.1)")
     p.add_argument("--max-epochs", dest="max_epochs", type=int, help="cap trainable methods' epochs")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--evaluation", help="agnostic (default: the method gets only the image) | oracle (also the "
+                                        "test image's task index, for methods that route, e.g. PatchCore)")
     p.add_argument("--data-root", dest="data_root", help="dataset in MVTec AD layout (default: built-in synthetic)")
     p.add_argument("--synthetic", type=_synthetic_choice, metavar="{auto,true,false}",
                    help="generate the built-in synthetic dataset: auto (only at the default data root), true (at "
@@ -117,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in ("method", "strategy", "task_order", "backbone", "weights", "image_size", "crop_size", "val_fraction",
                     "seed", "device", "data_root", "output_dir", "name", "epochs_scale", "max_epochs",
-                    "require_pretrained", "synthetic")
+                    "require_pretrained", "synthetic", "evaluation")
     }
     overrides["tasks"] = _parse_tasks(args.tasks)
     config = config_mod.load(args.config, overrides)
@@ -172,6 +175,50 @@ def cmd_check(args: argparse.Namespace) -> int:
     if errors:
         print("\n".join(errors), file=sys.stderr)
     return 2 if errors else 0
+
+
+def _option_pairs(pairs: Sequence[str] | None) -> dict[str, str]:
+    """``--option KEY=VALUE`` (repeatable) as a dict; a word without '=' is one error line naming it."""
+    options: dict[str, str] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {pair}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Lay a distributed dataset out in MVTec layout by links; one line per category (from the marker)."""
+    from clbench.data.formats import convert_dataset, read_conversion_marker
+
+    wanted = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    names = convert_dataset(args.format, args.src, args.dst, wanted, **_option_pairs(args.option))
+    recorded = (read_conversion_marker(args.dst) or {}).get("categories", {})
+    for name in names:
+        info = recorded.get(name, {})
+        n = info.get("counts", {})
+        print(f"{name}: train {n.get('train', '?')}, validation {n.get('validation', '?')}, test good "
+              f"{n.get('test_good', '?')}, test anomalous {n.get('test_anomalous', '?')}; defects: "
+              f"{', '.join(info.get('defects', [])) or '-'}; masks: {info.get('mask_convention') or '-'}")
+        for note in info.get("notes", []):
+            print(f"  note: {note}")
+    print(f"converted {len(names)} categories ({args.format}) from {args.src} to {args.dst}: "
+          f"check it with clbench data check {args.dst}, run it with --data-root {args.dst}")
+    return 0
+
+
+class _FormatsHelp(argparse.RawDescriptionHelpFormatter):
+    """Lists the registered dataset formats when ``data convert --help`` is shown (and only then:
+    building the parser imports no format, nor torch)."""
+
+    def _format_text(self, text: str) -> str:
+        if "{formats}" in text:
+            from clbench.data.formats import FORMATS
+
+            listing = "\n".join(f"  {name:<12} {FORMATS.get(name).description}" for name in FORMATS.names())
+            text = text.replace("{formats}", listing)
+        return super()._format_text(text)
 
 
 def cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
@@ -259,7 +306,7 @@ def build_parser(method_commands: bool = True) -> argparse.ArgumentParser:
     add_reproduce_parser(sub)
     add_report_parser(sub)
 
-    data = sub.add_parser("data", help="datasets: generate the synthetic one, check one on disk")
+    data = sub.add_parser("data", help="datasets: generate the synthetic one, check one on disk, convert one")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser(
         "synth", help="write the built-in synthetic dataset (MVTec layout) into a new, empty or clbench-generated folder")
@@ -277,6 +324,19 @@ def build_parser(method_commands: bool = True) -> argparse.ArgumentParser:
     check.add_argument("--image-size", type=int, help="also report defect masks that vanish at this run resolution")
     check.add_argument("--crop-size", type=int, help="... and this center crop")
     check.set_defaults(func=cmd_check)
+    convert = data_sub.add_parser(
+        "convert", formatter_class=_FormatsHelp,
+        help="lay a distributed dataset (VisA, MVTec LOCO, ...) out in MVTec layout by symlinks, never writing into SRC",
+        description="Lay a distributed dataset out in MVTec layout under DST: symlinks to the source images\n"
+                    "and masks (a written PNG only where several mask files are merged), never writing into\n"
+                    "SRC; running it again completes a killed conversion.\n\nformats:\n{formats}")
+    convert.add_argument("format", metavar="FORMAT", help="a dataset format (listed in --help)")
+    convert.add_argument("src", type=Path, metavar="SRC", help="the dataset as distributed (read only)")
+    convert.add_argument("dst", type=Path, metavar="DST", help="a new or empty folder, or one this conversion wrote")
+    convert.add_argument("--categories", help="comma-separated categories (default: all the source has)")
+    convert.add_argument("--option", action="append", metavar="KEY=VALUE",
+                         help="a format option (repeatable; e.g. real-iad's camera view)")
+    convert.set_defaults(func=cmd_convert)
 
     mem = sub.add_parser("memory", help="analytic memory of a method's state and/or a replay buffer (e.g. --budget 30000 for patchcore)")
     mem.add_argument("--method")

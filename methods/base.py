@@ -35,7 +35,11 @@ class Prediction:
 
     maps: torch.Tensor  # float32 (B, H, W) at the input resolution
     scores: torch.Tensor  # float32 (B,)
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "task_index": (B,) int64
+    # Optional outputs, read by key. "task_index": (B,) int64, for a method that routes an image to one of
+    # its per-task models (PatchCore's banks): the index of the step whose model its own routing picked,
+    # also when the batch gives the true one (``Batch.task_index``, evaluation: oracle). The engine
+    # compares it with the truth as ``task_id_accuracy`` (clbench.engine.evaluation).
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class TrainStream(Protocol):

@@ -20,9 +20,13 @@ bank, ``f_coreset`` 0.1 used only outside CL; set ``budget=10000`` to match it.)
 
 Scoring (seed 003, 1.2.4). Each test patch's Euclidean distance to its nearest neighbour in every
 bank (faiss ``IndexFlatL2``, exact; all patches of a batch in one search per bank); the bank with
-the lowest mean patch distance is the image's task (``extras["task_index"]``, only when every
-bank holds one task; after a joint step the single bank says nothing about the task), as the
-paper's code does per test image. The pixel map is the selected bank's distance map, upsampled
+the lowest mean patch distance is the image's task (``extras["task_index"]``: bank j was learned
+at step j, so this is the index of the step that taught the image's category, whatever number of
+categories a step teaches; after a joint step it is always 0), as the paper's code does per test
+image. Under ``evaluation: oracle`` the batch carries the true task index (``Batch.task_index``)
+and the image is scored against that task's bank instead; ``extras["task_index"]`` still reports
+the bank the routing would have chosen, so task-identification accuracy is measured under both
+settings. The pixel map is the selected bank's distance map, upsampled
 to the input and Gaussian-smoothed (sigma 4). Upsampling (``upsample_mode``): ``bilinear``
 (default: PatchCore's reference code, ``RescaleSegmentor`` in amazon-science/patchcore-inspection
 ``src/patchcore/common.py``, and clad's) or ``nearest`` (anomalib 2.7.0's
@@ -242,7 +246,8 @@ class PatchCore(AnomalyMethod):
         distances, nearest = self.search_banks(emb.flatten(0, 1))
         distances = distances.view(-1, n_images, n_patches)
         nearest = nearest.view(-1, n_images, n_patches)
-        task = distances.mean(dim=2).argmin(dim=0)  # (B,) the bank with the lowest mean distance
+        routed = distances.mean(dim=2).argmin(dim=0)  # (B,) the bank with the lowest mean distance
+        task = routed if batch.task_index is None else self.given_banks(batch.task_index, routed.device)
         rows = torch.arange(n_images, device=emb.device)
         chosen, chosen_nearest = distances[task, rows], nearest[task, rows]  # (B, P)
         scores = self.image_scores(emb, chosen, chosen_nearest, task)
@@ -255,8 +260,16 @@ class PatchCore(AnomalyMethod):
             maps = upsample(maps, self.context.image_size)
         maps = gaussian_blur(maps, self.params["sigma"])
         maps = finite_or_raise(maps, "PatchCore").float().cpu()
-        extras = {"task_index": task.cpu()} if bool((self.bank_tasks == 1).all()) else {}
+        extras = {"task_index": routed.cpu()}  # its own routing, also when the batch gives the task
         return Prediction(maps=maps, scores=scores.float().cpu(), extras=extras)
+
+    def given_banks(self, task_index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Oracle evaluation: the bank of each image's given task (bank j was learned at step j)."""
+        n_banks = len(self._indexes)
+        if bool(((task_index < 0) | (task_index >= n_banks)).any()):
+            raise ValueError(f"PatchCore: task index {task_index.tolist()} given, but only banks 0..{n_banks - 1} "
+                             "are learned")
+        return task_index.to(device=device, dtype=torch.long)
 
     # -- analytic memory ----------------------------------------------------------------------
     @classmethod

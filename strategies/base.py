@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
 from clbench.data import Batch, SampleSet
 from clbench.engine import seeding
+from clbench.engine.tasks import as_schedule, step_label
 from clbench.params import Parameterised
 from clbench.registry import Registry
 from methods.base import AnomalyMethod, TaskData, TrainStream
@@ -24,11 +25,17 @@ STRATEGIES: Registry["Strategy"] = Registry("strategy", "strategies")
 
 @dataclass(frozen=True)
 class Experience:
-    """One training step of the stream."""
+    """One training step of the stream: one category, or several taught together (a protocol's step)."""
 
     step: int
-    label: str  # what the results call the trained task ("joint" for the joint step)
+    label: str  # what the results call the trained task: the category, "a+b", "a+...+j (10)", or "joint"
     task_names: tuple[str, ...]  # categories taught at this step
+
+    @classmethod
+    def stream(cls, tasks: Sequence[Any]) -> list["Experience"]:
+        """One experience per step of a schedule (``tasks``: a flat list, one category per step, or a
+        list of steps: ``clbench.engine.tasks.as_schedule``), labelled by ``step_label``."""
+        return [cls(step, step_label(names), names) for step, names in enumerate(as_schedule(tasks))]
 
 
 class ProgressStream:
@@ -66,8 +73,9 @@ class Strategy(Parameterised, ABC):
         self.progress = True
 
     @abstractmethod
-    def experiences(self, tasks: list[str]) -> list[Experience]:
-        """The training steps for this ordered task list."""
+    def experiences(self, tasks: Sequence[Any]) -> list[Experience]:
+        """The training steps for this schedule (a flat list of categories, one per step, or a list
+        of steps, each a tuple of categories: ``clbench.engine.tasks.as_schedule``)."""
 
     def training_stream(self, experience: Experience, current: SampleSet) -> TrainStream:
         """The data the method trains on at this step; plain strategies pass the current data."""

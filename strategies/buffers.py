@@ -13,7 +13,7 @@ and their state is plain tensors that go into the run's checkpoint.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -36,6 +36,12 @@ class ReplayBuffer(ABC):
     @abstractmethod
     def update(self, task: str, samples: SampleSet) -> None:
         """Offer one learned task's training images to the buffer."""
+
+    def update_step(self, parts: Sequence[tuple[str, SampleSet]]) -> None:
+        """Offer the tasks (categories) one step taught together, in stream order; a policy that
+        balances over tasks counts each of them (``BalancedBuffer``)."""
+        for task, samples in parts:
+            self.update(task, samples)
 
     def _keep(self, rows: list[int]) -> None:
         self.pixels = self.pixels[rows].clone() if rows else self.pixels[:0]
@@ -87,22 +93,36 @@ class ReplayBuffer(ABC):
 class BalancedBuffer(ReplayBuffer):
     """The benchmark paper's policy: after task t every learned task holds capacity // t images;
     older tasks are re-subsampled at random (a subset of what they held), the new task's images
-    are a random subset of its training images."""
+    are a random subset of its training images.
+
+    A task is a *category*: a step that teaches several (a protocol's) adds each of them, so after
+    it every learned category holds capacity // (categories learned) images. The paper's code
+    balances per learned task, and there a task is one category; balancing per step instead would
+    give a 10-category base step as many images as a later one-category step, its categories
+    each a tenth as many."""
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
         super().__init__(capacity, seed)
         self.learned: list[str] = []  # tracked apart from the contents: a task may hold 0 images
 
     def update(self, task: str, samples: SampleSet) -> None:
-        self.learned.append(task)
-        learned = self.learned
-        quota = self.capacity // len(learned)
+        self.update_step([(task, samples)])
+
+    def update_step(self, parts: Sequence[tuple[str, SampleSet]]) -> None:
+        """Add every task of the step, then re-split: one re-subsampling of the older tasks, at the
+        step's final quota (one task: the paper's update exactly, random draws included)."""
+        if not parts:
+            return
+        old_tasks = list(self.learned)
+        self.learned += [task for task, _ in parts]
+        quota = self.capacity // len(self.learned)
         keep: list[int] = []
-        for old in learned[:-1]:
+        for old in old_tasks:
             rows = [i for i, t in enumerate(self.tasks) if t == old]
             keep += [rows[j] for j in self._random_subset(len(rows), quota)]
         self._keep(sorted(keep))
-        self._append(task, samples, self._random_subset(len(samples), quota))
+        for task, samples in parts:
+            self._append(task, samples, self._random_subset(len(samples), quota))
 
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,12 +2,13 @@
 
 While learning task t, each training batch is the current task's B images plus B images drawn from
 the buffer ("B+B" mixing, seed 003; B is the method's batch size). After the task, the buffer is
-updated by its storage policy (``balanced``: N // t per learned task; ``reservoir``).
+updated by its storage policy (``balanced``: N // t per learned task; ``reservoir``). A step that
+teaches several categories (a protocol's) offers each of them as a task: see ``BalancedBuffer``.
 ``buffer_size: 0`` is sequential training.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -25,6 +26,21 @@ def concat(a: Batch, b: Batch) -> Batch:
         labels=torch.cat([a.labels, b.labels]),
         masks=torch.cat([a.masks, b.masks]),
     )
+
+
+def by_category(experience: Experience, current: SampleSet) -> list[tuple[str, SampleSet]]:
+    """A step's training images split by category (a sample's key starts with ``<category>/``), in
+    the step's order; a one-category step is its whole set."""
+    if len(experience.task_names) == 1:
+        return [(experience.task_names[0], current)]
+    groups: dict[str, list] = {name: [] for name in experience.task_names}
+    for sample in current.samples:
+        category = sample.key.split("/", 1)[0]
+        if category not in groups:
+            raise ValueError(f"replay: training image {sample.key} is of none of the step's categories "
+                             f"({', '.join(experience.task_names)})")
+        groups[category].append(sample)
+    return [(name, SampleSet(samples, current.store)) for name, samples in groups.items()]
 
 
 class ReplayStream:
@@ -53,14 +69,15 @@ class Replay(Strategy):
         super().__init__(seed, **params)
         self.buffer = POLICIES[self.params["policy"]](self.params["buffer_size"], seeding.buffer_seed(seed))
 
-    def experiences(self, tasks: list[str]) -> list[Experience]:
-        return [Experience(step, name, (name,)) for step, name in enumerate(tasks)]
+    def experiences(self, tasks: Sequence[Any]) -> list[Experience]:
+        return Experience.stream(tasks)
 
     def training_stream(self, experience: Experience, current: SampleSet):
         return ReplayStream(current, self.buffer)
 
     def after_step(self, experience: Experience, current: SampleSet) -> None:
-        self.buffer.update(experience.label, current)
+        """The step's categories are offered one by one (the balanced policy balances per category)."""
+        self.buffer.update_step(by_category(experience, current))
 
     def memory_components(self) -> dict[str, int]:
         return {"replay_buffer": self.buffer.nbytes()}

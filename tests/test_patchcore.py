@@ -125,13 +125,13 @@ def test_training_is_deterministic() -> None:
     assert torch.equal(*banks)
 
 
-def test_joint_step_makes_one_bank_and_no_task_index() -> None:
+def test_joint_step_makes_one_bank_and_routes_every_image_to_it() -> None:
     table, keys = task_tables(3, n_images=20)
     model = make_patchcore(table, budget=100)
     fit(model, keys[0] + keys[1] + keys[2], 0, names=("a", "b", "c"))
     assert model.bank_sizes.tolist() == [100] and model.bank_tasks.tolist() == [3]
     prediction = model.predict(next(FakeStream(keys[1]).batches(4)))
-    assert "task_index" not in prediction.extras
+    assert prediction.extras["task_index"].tolist() == [0] * 4  # one bank of several categories: step 0's
 
 
 # -- scoring --------------------------------------------------------------------------------------
@@ -241,7 +241,10 @@ def test_end_to_end_through_the_engine(synthetic_root: Path, tmp_path: Path) -> 
     run_dir = run_experiment(config, progress=False)
     metrics = pd.read_csv(run_dir / "metrics.csv")
     task_id = metrics[metrics["metric"] == "task_id_accuracy"]
-    assert len(task_id) == 3 * 3 and task_id["value"].between(0, 1).all()
+    order = {t: j for j, t in enumerate(sorted(task_id["eval_task"].unique()))}
+    taught = task_id["eval_task"].map(order) <= task_id["step"]
+    assert len(task_id) == 3 * 3 and task_id["value"][taught].between(0, 1).all()
+    assert task_id["value"][~taught].isna().all()  # a task not yet taught has no right answer
     memory = pd.read_csv(run_dir / "memory.csv")
     state = memory[memory["component"] == "method_state"].sort_values("step")["bytes"].tolist()
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["method"]

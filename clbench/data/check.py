@@ -11,7 +11,12 @@ trip over, or silently accept, goes unsaid:
   the file or at ``--image-size``, masks with values other than 0/255 or 0/1 (every non-zero pixel
   is a defect);
 - notes: the mask convention found (0/255, 0/1, ...), images with 16 bits per channel (scaled to 8
-  bits), hidden entries that are ignored (``.ipynb_checkpoints``).
+  bits), hidden entries that are ignored (``.ipynb_checkpoints``), a category's own held-out split
+  (``validation/good``), and for a dataset ``clbench data convert`` wrote, its source and the source's
+  mask convention (from the conversion marker).
+
+The ``masks`` column is the convention found on disk with the file type (e.g. "0/255 png", "0/1 png",
+"0/255 bmp": a converted dataset's masks are links to the source's files, or merged 0/255 PNGs).
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from PIL import Image
 
 from clbench.data import (WIDE_GREY_MODES, Category, DatasetError, ImageStore, Sample, empty_mask_message,
                           inspect_category, is_hidden, is_wide, mask_pixels, open_image, scan_root, to_rgb8)
+from clbench.data.formats.convert import MARKER as CONVERSION_MARKER
+from clbench.data.formats.convert import read_conversion_marker
 
 @dataclass
 class Finding:
@@ -73,7 +80,8 @@ def check_dataset(root: str | Path, val_fraction: float = 0.1, seed: int = 0, im
     root = Path(root)
     scan = scan_root(root)
     report = Report()
-    hidden = _hidden_entries(root)
+    converted = read_conversion_marker(root)  # its marker is reported as the source, not as a hidden entry
+    hidden = [name for name in _hidden_entries(root) if not (converted and name == CONVERSION_MARKER)]
     if hidden:
         report.findings.append(Finding("note", "", f"{root}: hidden entries ignored: {', '.join(hidden)}"))
     for name in scan.incomplete:
@@ -84,7 +92,24 @@ def check_dataset(root: str | Path, val_fraction: float = 0.1, seed: int = 0, im
     store = ImageStore(image_size, crop_size) if image_size else None
     for name in scan.categories:
         _check_category(root, name, val_fraction, seed, store, report)
+        report.findings += _conversion_notes(root, name, converted)
     return report
+
+
+def _conversion_notes(root: Path, name: str, marker: dict | None) -> list[Finding]:
+    """Where a converted category came from and how its source stores masks (the marker's record)."""
+    if marker is None:
+        return []
+    record = (marker.get("categories") or {}).get(name)
+    if not isinstance(record, dict):
+        return [Finding("note", name, f"{root / name}: not listed in {root}'s conversion marker (added by hand?)")]
+    line = f"{root / name}: converted from {marker.get('source')} as '{marker.get('format')}'"
+    if record.get("mask_convention"):
+        line += f"; source masks: {record['mask_convention']}"
+    if record.get("merged_masks"):
+        line += f" ({record['merged_masks']} images' masks merged into 0/255 PNGs)"
+    return [Finding("note", name, line)] + [Finding("note", name, f"{root / name}: {note}")
+                                            for note in record.get("notes", [])]
 
 
 def _hidden_entries(folder: Path) -> list[str]:
@@ -98,7 +123,7 @@ def _check_category(root: Path, name: str, val_fraction: float, seed: int, store
                     report: Report) -> None:
     category, errors = inspect_category(root, name, val_fraction, seed)
     findings = [Finding("error", name, message) for message in errors]
-    for sub in ("train/good", "test", "ground_truth"):
+    for sub in ("train/good", "validation/good", "test", "ground_truth"):
         hidden = _hidden_entries(root / name / sub)
         if hidden:
             findings.append(Finding("note", name, f"{root / name / sub}: hidden entries ignored: {', '.join(hidden)}"))
@@ -111,6 +136,9 @@ def _check_category(root: Path, name: str, val_fraction: float, seed: int, store
     conventions = _check_masks(category, root / name, store, findings)
     if wide:
         findings.append(Finding("note", name, f"{root / name}: {wide} images with 16 bits per channel (scaled to 8 bits)"))
+    if category.val_source != "sample":
+        findings.append(Finding("note", name, f"{root / name / category.val_source}: the held-out set "
+                                              f"({len(category.val)} images; all of train/good is trained on)"))
     report.rows.append(_row(category, conventions))
     report.findings.extend(findings)
 
@@ -124,17 +152,21 @@ def _decode_image(path: Path) -> bool:
 
 
 def _check_masks(category: Category, folder: Path, store: ImageStore | None, findings: list[Finding]) -> Counter:
-    """Each defect mask: its convention, and whether it is empty in the file or at the run's resolution."""
+    """Each defect mask: its convention, and whether it is empty in the file or at the run's resolution.
+    Returns the count per convention and file type ("0/255 png"), as the table shows it."""
     conventions: Counter = Counter()
+    shown: Counter = Counter()
     others: list[str] = []
     for sample in (s for s in category.test if s.mask is not None):
         try:
             with open_image(sample.mask) as img:
                 convention, values = mask_convention(img)
+                file_type = (img.format or sample.mask.suffix.lstrip(".")).lower()
         except DatasetError as err:
             findings.append(Finding("error", category.name, str(err)))
             continue
         conventions[convention] += 1
+        shown[f"{convention} {file_type}"] += 1
         if convention == "empty":
             findings.append(Finding("warning", category.name, empty_mask_message(sample.mask, 0)))
         elif convention == "other non-zero":
@@ -149,7 +181,7 @@ def _check_masks(category: Category, folder: Path, store: ImageStore | None, fin
         findings.append(Finding("warning", category.name,
                                 f"{folder}: {len(others)} masks with values other than 0/255 or 0/1, every non-zero pixel is a "
                                 f"defect (e.g. {others[0]})"))
-    return conventions
+    return shown
 
 
 def _check_resized(sample: Sample, store: ImageStore, findings: list[Finding], name: str) -> None:

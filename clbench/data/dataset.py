@@ -8,7 +8,9 @@ Layout (any dataset that follows it works)::
 
 A held-out part of the *good training* images (``val_fraction``, seeded) is the validation set
 for anything that needs one (early stopping, map normalisation); the test set is only ever used
-for evaluation.
+for evaluation. A dataset with its own held-out split (MVTec LOCO AD, MVTec AD 2; ``clbench data
+convert`` writes it) has ``<root>/<category>/validation/good/*.png``: those images are the held-out
+set and every train/good image is trained on (``Category.val_source`` says which).
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class Category:
     test: tuple[Sample, ...]
     defects: tuple[str, ...]
     image_sizes: tuple[tuple[int, int], ...]  # distinct (width, height) seen
+    val_source: str = "sample"  # "sample": val_fraction of train/good; "validation/good": the dataset's own split
 
 
 @dataclass(frozen=True)
@@ -281,7 +284,14 @@ def _scan_category(root: Path, name: str, val_fraction: float, seed: int, verify
         train_files = [p for p in _images_in(good_dir, faults) if size_of(p) is not None]
         if not train_files:
             faults.error(f"{good_dir}: no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    train, val = _split_train_val(train_files, val_fraction, seed, name) if train_files else ([], [])
+    val_dir = folder / "validation" / "good"
+    val_split = "validation" if val_dir.is_dir() else "train"
+    if val_dir.is_dir():  # the dataset's own held-out split: all of train/good is trained on
+        train, val = train_files, [p for p in _images_in(val_dir, faults) if size_of(p) is not None]
+        if not val:
+            faults.error(f"{val_dir}: no images (a validation/good folder is the held-out set; remove it to sample one)")
+    else:
+        train, val = _split_train_val(train_files, val_fraction, seed, name) if train_files else ([], [])
 
     def good(path: Path, split: str) -> Sample:
         return Sample(f"{name}/{split}/good/{path.stem}", path, None, 0, "good")
@@ -325,10 +335,11 @@ def _scan_category(root: Path, name: str, val_fraction: float, seed: int, verify
     return Category(
         name=name,
         train=tuple(good(p, "train") for p in train),
-        val=tuple(good(p, "train") for p in val),
+        val=tuple(good(p, val_split) for p in val),
         test=tuple(test),
         defects=tuple(defects),
         image_sizes=tuple(sorted(sizes)),
+        val_source="validation/good" if val_dir.is_dir() else "sample",
     )
 
 
@@ -408,6 +419,9 @@ class Batch:
     keys: list[str]
     labels: torch.Tensor  # int64 (B,)
     masks: torch.Tensor  # bool (B, H, W)
+    # int64 (B,): the index of the step that taught each image's category, given to the method only
+    # under ``evaluation: oracle`` (clbench.engine.evaluation); None otherwise (training, agnostic)
+    task_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -423,12 +437,14 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255.0 - mean) / std
 
 
-def collate(samples: Sequence[Sample], store: ImageStore) -> Batch:
+def collate(samples: Sequence[Sample], store: ImageStore, task_index: int | None = None) -> Batch:
+    """A batch of ``samples``; ``task_index`` (oracle evaluation: one task's test images) is given to every image."""
     return Batch(
         pixels=torch.stack([store.image(s) for s in samples]),
         keys=[s.key for s in samples],
         labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
         masks=torch.stack([store.mask(s) for s in samples]),
+        task_index=None if task_index is None else torch.full((len(samples),), task_index, dtype=torch.int64),
     )
 
 

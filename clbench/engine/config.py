@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from clbench.engine.tasks import spec_problem
 from clbench.params import (
     BACKBONE, NON_NEGATIVE, PATH, POSITIVE, POSITIVE_INT, Check, ConfigError, Interval, Options, Rule, Text,
     check_values, field_constraints, setting,
@@ -25,15 +26,20 @@ MIN_IMAGE_SIZE = 32
 
 
 def _is_task_spec(value: Any) -> bool:
-    return (isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
-            or (isinstance(value, list) and all(isinstance(t, str) for t in value)))
+    return spec_problem(value) is None
+
+
+def _task_spec_detail(value: Any) -> str | None:
+    """What is wrong inside a list or protocol string (a value of the wrong type needs no detail)."""
+    return spec_problem(value) if isinstance(value, (str, list)) else None
 
 
 def _run_name_or_none(value: Any) -> str | None:
     return None if value is None else run_name_problem(value)
 
 
-TASKS = Check("a list of categories, all, a count or a preset", _is_task_spec)
+TASKS = Check("a list of categories, all, a count or a preset, or a list of steps or a protocol (mvtec:10-5, 10-5)",
+              _is_task_spec, _task_spec_detail)
 DEVICE = Check("one of auto, cpu, cuda, cuda:N",
                lambda v: isinstance(v, str) and DEVICE_PATTERN.fullmatch(v) is not None)
 RUN_NAME = Check("a plain folder name", lambda v: _run_name_or_none(v) is None, _run_name_or_none)
@@ -48,7 +54,9 @@ class RunConfig:
     method_params: dict[str, Any] = setting({}, dict)  # each checked by the method's table (engine.validation)
     strategy: str = setting("sequential", Text("a strategy name"))
     strategy_params: dict[str, Any] = setting({}, dict)
-    tasks: Any = setting("all", TASKS)  # list of categories | "all" | count | preset ("mvtec", "paper10")
+    # list of categories | list of steps (lists of categories) | "all" | count | preset ("mvtec", "paper10",
+    # "visa", "dne") | protocol "<preset>:<setting>" or a bare setting ("mvtec:10-5", "10-5": clbench.engine.tasks)
+    tasks: Any = setting("all", TASKS)
     task_order: str = setting("given", Options("given", "shuffle"))  # "given" | "shuffle" (seeded)
     data_root: str = setting("data/synthetic", PATH)
     # auto: generate the built-in synthetic dataset only at the default data_root; true: at data_root; false:
@@ -67,6 +75,9 @@ class RunConfig:
     seed: int = setting(0, Interval(int, 0, None))
     device: str = setting("auto", DEVICE)  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = setting(32, POSITIVE_INT)
+    # agnostic: the method sees only the test image | oracle: also the index of the step that taught its
+    # category, for a task already taught (clbench.engine.evaluation)
+    evaluation: str = setting("agnostic", Options("agnostic", "oracle"))
     epochs_scale: float = setting(1.0, POSITIVE)  # scales trainable methods' epochs (e.g. 0.1 for short runs)
     max_epochs: int | None = setting(None, [None, POSITIVE_INT])  # caps trainable methods' epochs
     # RAM for cached frozen-backbone features; spills to disk beyond

@@ -64,9 +64,17 @@ def environment_info(config: RunConfig, device: torch.device, pool: BackbonePool
             "source": "good training images (never the test set)",
             "fraction": config.val_fraction,
             "counts": {c.name: len(c.val) for c in categories},
+            **_own_splits(categories),
         },
         "data": {"root": str(Path(config.data_root).resolve()), "synthetic": config.synthetic,
                  "image_size": config.image_size, "crop_size": config.crop_size, "eval_size": config.eval_size},
         "require_pretrained": config.require_pretrained,
         **({"paper_profile": config.paper_profile} if config.paper_profile is not None else {}),
     }
+
+
+def _own_splits(categories: list[Category]) -> dict[str, Any]:
+    """Which categories' held-out set is the dataset's own ``validation/good`` (MVTec LOCO, MVTec AD 2),
+    not a ``fraction`` sample of train/good; absent when none is, so other runs' env.json is unchanged."""
+    own = [c.name for c in categories if c.val_source != "sample"]
+    return {"own_split": {name: "validation/good (all of train/good is trained on)" for name in own}} if own else {}

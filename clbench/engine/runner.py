@@ -30,12 +30,12 @@ from clbench.engine.config import ConfigError, RunConfig, check_run_name
 from clbench.data import Category, ImageStore, SampleSet, list_categories, load_category
 from clbench.data.root import ensure_dataset
 from clbench.engine.environment import environment_info
-from clbench.engine.evaluation import evaluate_all
+from clbench.engine.evaluation import TASK_ID_METRIC, evaluate_all, task_id_summary, task_indices
 from clbench.metrics.forgetting import summarize, summarize_joint, undefined_tasks
 from clbench.engine.locks import check_unlocked, run_lock
 from clbench.engine.rundir import MARKER as RUN_MARKER, WRITTEN_FOLDERS, Results, RunFolder, accuracy_matrix
 from clbench.engine.rundir import first_line as _first_line, load_problem
-from clbench.engine.tasks import resolve_tasks
+from clbench.engine.tasks import categories_of, resolve_schedule, schedule_value
 from clbench.engine.validation import validate_run
 from methods.base import AnomalyMethod, MethodContext
 from strategies.base import Experience, Strategy
@@ -162,12 +162,14 @@ class Experiment:
             check_pretrained(self.method_cls, self.method_params, config.weights)
         root = ensure_dataset(config)
         self.data_root = Path(root)
-        self.tasks = resolve_tasks(config.tasks, list_categories(root), config.task_order, config.seed)
+        # the steps, each the categories it teaches (one per step unless a protocol or a list of lists says more)
+        self.schedule = resolve_schedule(config.tasks, list_categories(root), config.task_order, config.seed)
+        self.tasks = categories_of(self.schedule)
         self.categories: list[Category] = [
             load_category(root, name, config.val_fraction, config.seed) for name in self.tasks
         ]
         self.resolved = config.to_dict() | {
-            "tasks": list(self.tasks),
+            "tasks": schedule_value(self.schedule),
             "method_params": self.method_params,
             "backbone": self.method_params.get("backbone"),
             "strategy_params": self.strategy_params,
@@ -334,8 +336,9 @@ class Experiment:
     def run(self) -> Path:
         self._plan()  # refuse early what may not be touched, before the (possibly slow) build
         method, strategy, store, pool = self._build()
-        experiences = strategy.experiences(self.tasks)
+        experiences = strategy.experiences(self.schedule)
         self._n_steps = len(experiences)
+        self._task_index = task_indices([e.task_names for e in experiences])  # category -> its teaching step
         created = not self.run_dir.exists()
         with run_lock(self.run_dir):
             try:
@@ -400,7 +403,9 @@ class Experiment:
         strategy.train(method, experience, current, val)
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        evaluation = evaluate_all(method, self.categories, store, self.config.eval_batch_size, self.progress)
+        taught = {name: index for name, index in self._task_index.items() if index <= step}
+        evaluation = evaluate_all(method, self.categories, store, self.config.eval_batch_size, self.progress,
+                                  taught=taught, oracle=self.config.evaluation == "oracle")
         eval_seconds = time.perf_counter() - start
 
         results.add_metrics(step, label, evaluation)
@@ -437,9 +442,15 @@ class Experiment:
             raise ConfigError(f"{self.folder.csv_path('metrics')}: results for steps {sorted(steps)} of "
                               f"0..{len(experiences) - 1}; summary.json not written")
         summary: dict[str, Any] = {"complete": True, "steps": len(experiences), "tasks": self.tasks, "metrics": {}}
+        summary["schedule"] = [{"step": e.step, "label": e.label, "tasks": list(e.task_names)} for e in experiences]
+        taught = task_indices([e.task_names for e in experiences])
+        taught_at = [taught[name] for name in self.tasks]  # each category's teaching step: schedule-aware BWT/FM
         for metric in metrics:
             R = accuracy_matrix(results.frame("metrics"), metric, self.tasks).to_numpy(dtype=float)
-            stats = summarize_joint(R[-1]) if joint else summarize(R)
+            if metric == TASK_ID_METRIC:  # NaN before a task is taught: no answer, not an undefined value
+                summary["metrics"][metric] = task_id_summary(R, self.tasks, taught)
+                continue
+            stats = summarize_joint(R[-1]) if joint else summarize(R, taught_at)
             stats["final"] = dict(zip(self.tasks, R[-1].tolist()))
             undefined = [self.tasks[j] for j in undefined_tasks(R)]
             if undefined:  # the stats above are NaN (null in JSON), never a mean over fewer tasks

@@ -32,6 +32,23 @@ with a NaN entry; the runner records them in ``summary.json`` (where NaN is
 written as ``null``) next to the values they make undefined, and warns at the
 end of the run.  No RuntimeWarning is emitted for NaN entries.
 
+Schedules: several categories per step
+--------------------------------------
+With a protocol (IUF's 10-5: ten categories at step 0, five at step 1) R is
+(steps, categories) and category ``j`` is taught at step ``taught_at[j]``
+(``taught_at`` argument; default ``j``, the square case above, with exactly
+the numbers above).  Every measure is taken per category relative to the
+step that taught it:
+
+    BWT = mean_{j in E} ( R[F, j] - R[taught_at[j], j] )
+    FM  = mean_{j in E} ( max_{l in [taught_at[j], F-1]} R[l, j] - R[F, j] )
+
+with E the categories *not* taught at the last teaching step
+(``taught_at[j] < max(taught_at)``: with one category per step, every task
+but the last, as above, also when extra rows follow it).  ACC is the mean of
+the final row over all categories, as above.  Relative forgetting runs over
+the categories taught before the final step (``taught_at[j] < F``).
+
 Relative forgetting (the benchmark paper's)
 -------------------------------------------
 The paper's code (clad, ``src/utilities/utility_ad.py``, ``forgetting``,
@@ -63,6 +80,8 @@ NaN (the code's ``max(0.0, nan)`` would count that task as "not forgotten").
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
@@ -100,45 +119,66 @@ def _as_matrix(R: np.ndarray, *, need_diagonal: bool) -> np.ndarray:
     return R
 
 
+def _taught(R: np.ndarray, taught_at: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (R, taught_at): the diagonal (task j at step j, S >= T) when ``taught_at`` is None."""
+    R = _as_matrix(R, need_diagonal=taught_at is None)
+    if taught_at is None:
+        return R, np.arange(R.shape[1])
+    steps = np.asarray(taught_at)
+    if steps.shape != (R.shape[1],) or not np.issubdtype(steps.dtype, np.integer):
+        raise ValueError(f"taught_at must give one integer step per task ({R.shape[1]}), got {list(taught_at)}")
+    if steps.min() < 0 or steps.max() >= R.shape[0]:
+        raise ValueError(f"taught_at must be steps in 0..{R.shape[0] - 1}, got {steps.tolist()}")
+    return R, steps.astype(np.int64)
+
+
+def _earlier(taught: np.ndarray) -> np.ndarray:
+    """The tasks BWT and FM use: those not taught at the last teaching step."""
+    return np.flatnonzero(taught < taught.max())
+
+
 def acc(R: np.ndarray) -> float:
     """Mean of the final row over all T tasks (NaN if one is NaN)."""
     R = _as_matrix(R, need_diagonal=False)
     return _mean(R[-1])
 
 
-def bwt(R: np.ndarray) -> float:
-    """Backward transfer: mean_{j<T-1} (R[F, j] - R[j, j]); NaN if T < 2."""
-    R = _as_matrix(R, need_diagonal=True)
-    n_tasks = R.shape[1]
-    if n_tasks < 2:
+def bwt(R: np.ndarray, taught_at: Sequence[int] | None = None) -> float:
+    """Backward transfer: mean over the tasks taught before the last teaching step of
+    R[F, j] - R[taught_at[j], j] (square default: mean_{j<T-1} (R[F, j] - R[j, j])); NaN if none."""
+    R, taught = _taught(R, taught_at)
+    j = _earlier(taught)
+    if j.size == 0:
         return float("nan")
-    j = np.arange(n_tasks - 1)
-    return _mean(R[-1, j] - R[j, j])
+    return _mean(R[-1, j] - R[taught[j], j])
 
 
-def forgetting_measure(R: np.ndarray) -> float:
-    """Forgetting: mean_{j<T-1} (max_{j<=l<=F-1} R[l, j] - R[F, j]); NaN if T < 2."""
-    R = _as_matrix(R, need_diagonal=True)
-    n_tasks, final = R.shape[1], R.shape[0] - 1
-    if n_tasks < 2:
+def forgetting_measure(R: np.ndarray, taught_at: Sequence[int] | None = None) -> float:
+    """Forgetting: mean over the tasks taught before the last teaching step of
+    max_{taught_at[j] <= l <= F-1} R[l, j] - R[F, j]; NaN if there are none."""
+    R, taught = _taught(R, taught_at)
+    final = R.shape[0] - 1
+    j = _earlier(taught)
+    if j.size == 0:
         return float("nan")
-    drops = [_max(R[j:final, j]) - R[final, j] for j in range(n_tasks - 1)]
+    drops = [_max(R[taught[k]:final, k]) - R[final, k] for k in j]
     return _mean(np.array(drops))
 
 
-def relative_forgetting(R: np.ndarray) -> float:
+def relative_forgetting(R: np.ndarray, taught_at: Sequence[int] | None = None) -> float:
     """The paper's relative forgetting at the final step F = S - 1 (a fraction, >= 0).
 
-    mean_{j < min(F, T)} max(0, max_{l < F} (1 - R[F, j] / R[l, j])); NaN if
-    F < 1 or an entry it uses is NaN.  Zero references are skipped (see the
-    module docstring).
+    mean over the tasks taught before F (square default: j < min(F, T)) of
+    max(0, max_{l < F} (1 - R[F, j] / R[l, j])); NaN if F < 1 or an entry it uses is NaN.
+    Zero references are skipped (see the module docstring).
     """
     R = _as_matrix(R, need_diagonal=False)
+    taught = np.arange(R.shape[1]) if taught_at is None else _taught(R, taught_at)[1]
     final = R.shape[0] - 1
     if final < 1:
         return float("nan")
     terms = []
-    for j in range(min(final, R.shape[1])):
+    for j in np.flatnonzero(taught < final):
         last, refs = R[final, j], R[:final, j]
         if np.isnan(last) or np.isnan(refs).any():
             return float("nan")
@@ -147,10 +187,12 @@ def relative_forgetting(R: np.ndarray) -> float:
     return _mean(np.array(terms))
 
 
-def summarize(R: np.ndarray) -> dict[str, float]:
-    """ACC, BWT, FM and the paper's relative forgetting of an (S, T) matrix, S >= T."""
-    R = _as_matrix(R, need_diagonal=True)
-    return {"acc": acc(R), "bwt": bwt(R), "fm": forgetting_measure(R), "relative_forgetting": relative_forgetting(R)}
+def summarize(R: np.ndarray, taught_at: Sequence[int] | None = None) -> dict[str, float]:
+    """ACC, BWT, FM and the paper's relative forgetting of an (S, T) matrix; ``taught_at[j]`` is the
+    step that taught task j (default j: one task per step, S >= T)."""
+    R, taught = _taught(R, taught_at)
+    return {"acc": acc(R), "bwt": bwt(R, taught), "fm": forgetting_measure(R, taught),
+            "relative_forgetting": relative_forgetting(R, taught)}
 
 
 def summarize_joint(R_row: np.ndarray) -> dict[str, float]:

@@ -16,6 +16,7 @@ import yaml
 
 from clbench import __version__ as CLBENCH_VERSION
 from clbench.engine.rundir import CONFIG, TABLES, RunFileDamaged, RunFolder, read_checked_csv, read_mapping
+from clbench.engine.tasks import categories_of
 from clbench.sweep.spec import RUNS, SWEEP_FORMAT
 
 
@@ -185,6 +186,7 @@ def _load_cell(name: str, run_dir: Path, spec_config: dict[str, Any], problem: s
     error = state.get("error") if isinstance(state.get("error"), str) else None
     summary = folder.summary()
     tasks = config.get("tasks") if isinstance(config.get("tasks"), list) else []
+    tasks = categories_of(tasks)  # a schedule of several categories per step is a list of steps
     if summary.get("complete") is True:
         cell = CellInfo(name, run_dir, params, "complete", summary=summary, version=_version(env))
         problem = check_complete_cell(cell)

@@ -32,9 +32,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 from clbench.engine.atomic import write_with  # noqa: E402
 from clbench.engine.rundir import RunFolder, accuracy_matrix, numeric, step_labels  # noqa: E402
+from clbench.engine.tasks import as_schedule, categories_of  # noqa: E402
 
 __all__ = [
     "accuracy_matrix",
@@ -63,12 +65,29 @@ def colour_range(metric: str) -> tuple[float, float]:
     return (0.5, 1.0) if metric.endswith("auroc") else (0.0, 1.0)
 
 
-def _learned_step(metrics: pd.DataFrame) -> dict[str, int]:
-    """Task -> first step at which it was the trained task (joint steps learn nothing named)."""
+def _learned_step(metrics: pd.DataFrame, taught: dict[str, int] | None = None) -> dict[str, int]:
+    """Task -> first step at which it was the trained task (joint steps learn nothing named); a task
+    a multi-category step taught (its label is ``a+b``, not the task) comes from ``taught``, the
+    run's schedule (``read_title_info``)."""
     frame = metrics[["step", "trained_task"]].drop_duplicates().sort_values("step", kind="stable")
     out: dict[str, int] = {}
     for step, task in zip(frame["step"].astype(int), frame["trained_task"]):
         out.setdefault(str(task), step)
+    for task, step in (taught or {}).items():
+        out.setdefault(task, step)
+    return out
+
+
+def _taught_steps(config: dict[str, Any]) -> dict[str, int]:
+    """Category -> the step that teaches it, from the resolved ``tasks`` of ``config.yaml`` (a flat
+    list: one per step; a list of steps); a joint run teaches nothing by name."""
+    tasks = config.get("tasks")
+    if config.get("strategy") == "joint" or not isinstance(tasks, list):
+        return {}
+    out: dict[str, int] = {}
+    for step, names in enumerate(as_schedule(tasks)):
+        for name in names:
+            out.setdefault(str(name), step)
     return out
 
 
@@ -99,7 +118,8 @@ def read_title_info(run_dir: str | Path) -> dict[str, Any]:
         "backbone": config.get("backbone", "?"),
         "pretrained": weights.get("pretrained"),
         "replay_size": replay,
-        "tasks": [str(t) for t in tasks] if isinstance(tasks, list) else [],
+        "tasks": [str(t) for t in categories_of(tasks)] if isinstance(tasks, list) else [],
+        "taught": _taught_steps(config),
         "run": folder.path.name,
     }
 
@@ -166,8 +186,10 @@ def plot_accuracy_heatmap(
     metric: str = "pixel_auroc",
     title_info: dict[str, Any],
 ) -> Path:
-    """Heatmap of the step x eval-task matrix, fixed colour range, NaN cells grey."""
+    """Heatmap of the step x eval-task matrix, fixed colour range, NaN cells grey; a box marks each
+    task's cell at the step that taught it (the diagonal with one task per step)."""
     matrix = accuracy_matrix(metrics, metric, title_info.get("tasks") or None)
+    learned = _learned_step(metrics[metrics["metric"] == metric], title_info.get("taught"))
     values = matrix.to_numpy(dtype=float)
     n_rows, n_cols = values.shape
     vmin, vmax = colour_range(metric)
@@ -175,14 +197,26 @@ def plot_accuracy_heatmap(
     cmap = plt.get_cmap("viridis").with_extremes(bad=NAN_COLOUR)
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     _annotate_cells(ax, values, vmin, vmax, fontsize=9 if n_cols <= 10 else 7)
+    boxed = _mark_taught_cells(ax, matrix, learned)
     _style_task_ticks(ax, list(matrix.columns), "x")
     _style_task_ticks(ax, list(matrix.index), "y")
-    ax.set_xlabel("evaluated task")
+    ax.set_xlabel("evaluated task" + (" (boxed: the step that taught it)" if boxed else ""))
     ax.set_ylabel("after training step")
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
     bar.set_label(f"{metric} (fixed range [{vmin:g}, {vmax:g}]; grey = n/a)")
     ax.set_title(format_title(title_info, f"Accuracy matrix — {metric}"), fontsize=10)
     return _save_atomic(fig, out_path)
+
+
+def _mark_taught_cells(ax: plt.Axes, matrix: pd.DataFrame, learned: dict[str, int]) -> bool:
+    """Outline the cell (teaching step, task) of every task taught within the matrix's rows."""
+    boxed = False
+    for j, task in enumerate(matrix.columns):
+        step = learned.get(str(task))
+        if step is not None and step < len(matrix.index):
+            ax.add_patch(Rectangle((j - 0.5, step - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.6))
+            boxed = True
+    return boxed
 
 
 def plot_forgetting_curves(
@@ -199,7 +233,7 @@ def plot_forgetting_curves(
     In a joint run no named task is learned, so every line is solid.
     """
     matrix = accuracy_matrix(metrics, metric, title_info.get("tasks") or None)
-    learned = _learned_step(metrics[metrics["metric"] == metric])
+    learned = _learned_step(metrics[metrics["metric"] == metric], title_info.get("taught"))
     any_learned = bool(learned.keys() & set(map(str, matrix.columns)))
     steps = np.arange(len(matrix.index))
     n_tasks = len(matrix.columns)
