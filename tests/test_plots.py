@@ -137,7 +137,8 @@ def test_titles_and_colour_range() -> None:
         assert part in title
     info.update(pretrained=True, replay_size=0)
     title = plots.format_title(info, "X")
-    assert "pretrained" in title and "replay=" not in title
+    assert "pretrained" in title and "replay=" not in title and "oracle" not in title
+    assert "oracle task index" in plots.format_title({**info, "evaluation": "oracle"}, "X")
     assert plots.colour_range("pixel_auroc") == (0.5, 1.0)
     assert plots.colour_range("pixel_aupro") == (0.0, 1.0)
 

@@ -120,6 +120,7 @@ def read_title_info(run_dir: str | Path) -> dict[str, Any]:
         "replay_size": replay,
         "tasks": [str(t) for t in categories_of(tasks)] if isinstance(tasks, list) else [],
         "taught": _taught_steps(config),
+        "evaluation": config.get("evaluation", "agnostic"),
         "run": folder.path.name,
     }
 
@@ -134,6 +135,8 @@ def format_title(title_info: dict[str, Any], what: str) -> str:
     replay = int(title_info.get("replay_size") or 0)
     if replay > 0:
         parts.append(f"replay={replay}")
+    if title_info.get("evaluation") == "oracle":  # the default, agnostic, is not named
+        parts.append("oracle task index")
     return f"{what}\n" + " · ".join(parts)
 
 
