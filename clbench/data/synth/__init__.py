@@ -31,6 +31,9 @@ Categories and defects (``describe()`` prints this table):
     tile           texture RGB  crack, hole, color_spot, missing_part
     blobs          texture RGB  scratch, hole, color_spot, contamination
 
+``profiles``: ``default`` (the small set above: 40 train, 8 good, 4 per defect type) or ``mvtec``
+(each category MVTec AD's counts and original size; see ``profiles.MVTEC`` for the pairing).
+
 Every image has its own generator, seeded by (seed, category, split, index), so a category's
 images do not depend on which other categories are generated, nor on the order.
 
@@ -40,9 +43,9 @@ categories and settings it generated there), or into a folder so marked; ``gener
 existing category only if that marker lists it.
 
 Modules: ``primitives`` (``Scene``, drawing helpers), ``textures`` and ``objects`` (the renderers),
-``defects`` (defect types and painters), ``catalogue`` (the categories), ``render`` (one sample and
-its exact mask), ``marker`` (which folders and categories are clbench's) and ``writer``
-(``generate``, ``synthesize``).
+``defects`` (defect types and painters), ``catalogue`` (the categories), ``profiles`` (counts and
+sizes per category), ``render`` (one sample and its exact mask), ``marker`` (which folders and
+categories are clbench's) and ``writer`` (``generate``, ``synthesize``).
 """
 from __future__ import annotations
 

@@ -65,16 +65,16 @@ def _refuse_foreign_categories(out: Path, names: Sequence[str]) -> None:
                              "not replacing it; choose another --out")
 
 
-def _record(out: Path, names: Sequence[str], settings: dict) -> None:
-    """Mark ``out`` as clbench's and list the categories about to be generated (before they are,
-    so a killed generation is recognised and completed later)."""
+def _record(out: Path, settings: dict[str, dict]) -> None:
+    """Mark ``out`` as clbench's and list the categories about to be generated with their settings
+    (before they are, so a killed generation is recognised and completed later)."""
     from clbench.engine import atomic
 
     marker = read_marker(out)
     recorded = (marker or {}).get("categories")
     if not isinstance(recorded, dict):  # a new folder, or an old marker: list what it already generated
         recorded = {n: {} for n in _SPECS if marker is not None and (out / n).is_dir()}
-    recorded.update({name: dict(settings) for name in names})
+    recorded.update({name: dict(s) for name, s in settings.items()})
     atomic.write_json(out / MARKER, {"generator": "clbench.synth", "categories": recorded})
 
 

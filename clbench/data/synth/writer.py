@@ -2,6 +2,7 @@
 into place when complete) and ``synthesize`` (``generate`` into a folder clbench owns)."""
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import re
@@ -18,6 +19,7 @@ from PIL import Image
 from clbench.data.synth.catalogue import _SPECS, CATEGORY_NAMES
 from clbench.data.synth.marker import MARKER, _record, _refuse_foreign_categories, _up_to_date, folder_state
 from clbench.data.synth.primitives import Array
+from clbench.data.synth.profiles import DEFAULT_COUNTS, PROFILES, Plan, plan, settings
 from clbench.data.synth.render import MIN_SIZE, _check_int, render_sample
 
 
@@ -33,13 +35,14 @@ def _save_png(path: Path, pixels: Array, gray: bool) -> None:
     Image.fromarray(pixels[..., 0] if gray and pixels.ndim == 3 else pixels).save(path, compress_level=1)
 
 
-def _write_category(folder: Path, name: str, size: int, seed: int, n_train: int, n_test_good: int,
-                    n_test_per_defect: int) -> None:
-    """Write every image and mask of one category under ``folder`` (which must not exist)."""
+def _write_category(folder: Path, name: str, seed: int, plan: Plan) -> None:
+    """Write every image and mask of one category under ``folder`` (which must not exist), one image
+    at a time (memory stays at one image's layers however many are written)."""
     spec = _SPECS[name]
-    width = max(3, len(str(max(n_train, n_test_good, n_test_per_defect) - 1)))
-    jobs = [("train", folder / "train" / "good", n_train), ("test_good", folder / "test" / "good", n_test_good)]
-    jobs += [(d, folder / "test" / d, n_test_per_defect) for d in spec.defects]
+    size = plan.size
+    width = max(3, len(str(max(plan.n_train, plan.n_test_good, *plan.n_defect.values()) - 1)))
+    jobs = [("train", folder / "train" / "good", plan.n_train), ("test_good", folder / "test" / "good", plan.n_test_good)]
+    jobs += [(d, folder / "test" / d, plan.n_defect[d]) for d in spec.defects]
     for split, target, count in jobs:
         if count == 0 and split != "train":
             continue  # an empty test folder would only make loaders fail
@@ -63,14 +66,14 @@ def _publish(staged: Path, target: Path, staging: Path) -> None:
     os.rename(staged, target)
 
 
-def _generate_category(out: Path, name: str, size: int, seed: int, counts: tuple[int, int, int]) -> None:
+def _generate_category(out: Path, name: str, seed: int, plan: Plan) -> None:
     """Build the category in a hidden staging folder (no ``train/good`` at its top, so loaders never
     mistake it for a category) and rename it into place only once complete."""
     staging = Path(tempfile.mkdtemp(prefix=f".synth-{name}-{os.getpid()}-", dir=out))
     try:
         (staging / STAGING_MARKER).touch()  # what lets a later generation recognise it as clbench's
         staged = staging / name
-        _write_category(staged, name, size, seed, *counts)
+        _write_category(staged, name, seed, plan)
         _publish(staged, out / name, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -113,44 +116,58 @@ def _resolve_categories(categories: int | Sequence[str]) -> list[str]:
 
 
 
-def _validated(categories: int | Sequence[str], size: int, seed: int, counts: dict[str, int],
-               workers: int | None) -> tuple[list[str], int, int, tuple[int, int, int], int]:
-    """Every argument checked (one-line ValueError) before anything is written."""
+def _validated(categories: int | Sequence[str], size: int | None, seed: int, counts: dict[str, int | None],
+               workers: int | None, profile: str, count_scale: float) -> tuple[list[str], int, dict[str, Plan], int]:
+    """Every argument checked (one-line ValueError) before anything is written; the plan of each category."""
     names = _resolve_categories(categories)
-    size = _check_int("size", size, MIN_SIZE)
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r} is unknown: choose from {', '.join(PROFILES)}")
+    size = None if size is None else _check_int("size", size, MIN_SIZE)
     seed = _check_int("seed", seed, 0)
-    n = tuple(_check_int(k, v, 0) for k, v in counts.items())
+    given = {k: _check_int(k, v, 0) for k, v in counts.items() if v is not None}
+    if profile != "default" and given:
+        key = next(iter(given))
+        raise ValueError(f"{key}={given[key]}: the {profile} profile sets its own counts (scale them with count_scale)")
+    if isinstance(count_scale, bool) or not isinstance(count_scale, (int, float)) or not 0 < count_scale < math.inf:
+        raise ValueError(f"count_scale={count_scale!r} must be a positive number")
+    n = tuple(given.get(k, default) for k, default in zip(counts, DEFAULT_COUNTS))
     workers = _auto_workers(len(names)) if workers is None else _check_int("workers", workers, 1)
-    return names, size, seed, n, workers  # type: ignore[return-value]
+    plans = {name: plan(profile, name, size, n, float(count_scale)) for name in names}  # type: ignore[arg-type]
+    return names, seed, plans, workers
 
 
 def generate(
     out_dir: str | Path,
     categories: int | Sequence[str] = 15,
-    size: int = 128,
+    size: int | None = None,
     seed: int = 0,
-    n_train: int = 40,
-    n_test_good: int = 8,
-    n_test_per_defect: int = 4,
+    n_train: int | None = None,
+    n_test_good: int | None = None,
+    n_test_per_defect: int | None = None,
     workers: int | None = None,
+    profile: str = "default",
+    count_scale: float = 1.0,
 ) -> list[str]:
     """Write the dataset; return the category names written. Deterministic for (categories, size,
     seed, counts): a category's images are the same whatever else is generated with it, and
     whatever ``workers`` is.
 
-    ``categories`` is a count (the first N of CATEGORY_NAMES) or a list of names. An existing
-    category folder is replaced, only by a complete one, and only if clbench generated it (listed
-    in the folder's marker, see ``synthesize``); a category of the user's is refused. ``workers``:
-    processes writing categories in parallel (None: one per CPU when there are enough categories
-    to pay off). This low-level call writes no marker: ``synthesize`` claims a folder.
+    ``categories`` is a count (the first N of CATEGORY_NAMES) or a list of names. ``profile``
+    (``profiles``): ``default`` (``size`` 128 and counts 40/8/4 per defect type unless given) or
+    ``mvtec`` (each category MVTec AD's counts and original size; ``size`` one side for all;
+    counts are the profile's); ``count_scale`` scales the counts (rounded half up, at least one).
+    An existing category folder is replaced, only by a complete one, and only if clbench generated
+    it (listed in the folder's marker, see ``synthesize``); a category of the user's is refused.
+    ``workers``: processes writing categories in parallel (None: one per CPU when there are enough
+    categories to pay off). This low-level call writes no marker: ``synthesize`` claims a folder.
     """
     counts = dict(n_train=n_train, n_test_good=n_test_good, n_test_per_defect=n_test_per_defect)
-    names, size, seed, n, workers = _validated(categories, size, seed, counts, workers)
+    names, seed, plans, workers = _validated(categories, size, seed, counts, workers, profile, count_scale)
     out = Path(out_dir)
     _refuse_foreign_categories(out, names)
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
-    jobs = [(out, name, size, seed, n) for name in names]
+    jobs = [(out, name, seed, plans[name]) for name in names]
     if workers > 1 and len(names) > 1 and sys.platform.startswith("linux"):
         # fork: children only run numpy/Pillow code, and nothing needs re-importing (unlike spawn)
         with ProcessPoolExecutor(min(workers, len(names)), mp_context=multiprocessing.get_context("fork")) as pool:
@@ -165,12 +182,14 @@ def generate(
 def synthesize(
     out_dir: str | Path,
     categories: int | Sequence[str] = 15,
-    size: int = 128,
+    size: int | None = None,
     seed: int = 0,
-    n_train: int = 40,
-    n_test_good: int = 8,
-    n_test_per_defect: int = 4,
+    n_train: int | None = None,
+    n_test_good: int | None = None,
+    n_test_per_defect: int | None = None,
     workers: int | None = None,
+    profile: str = "default",
+    count_scale: float = 1.0,
 ) -> list[str]:
     """``generate`` into a folder clbench owns (``clbench data synth`` and runs): a missing or empty
     folder is claimed (marked with ``MARKER``), a marked one is completed; any other folder, or a
@@ -178,7 +197,7 @@ def synthesize(
     Categories already generated there with the same settings are kept, not rewritten. A write
     that fails (read-only, disk full) is one line naming the folder."""
     counts = dict(n_train=n_train, n_test_good=n_test_good, n_test_per_defect=n_test_per_defect)
-    names, size, seed, _, workers = _validated(categories, size, seed, counts, workers)
+    names, seed, plans, workers = _validated(categories, size, seed, counts, workers, profile, count_scale)
     out = Path(out_dir)
     state = folder_state(out)
     if state == "file":
@@ -187,14 +206,14 @@ def synthesize(
         raise ValueError(f"{out}: exists, is not empty and is not a clbench synthetic dataset (no {MARKER}): "
                          "not writing into it; choose a new or empty folder")
     _refuse_foreign_categories(out, names)
-    settings = dict(size=size, seed=seed, **counts)
-    todo = [name for name in names if not _up_to_date(out, name, settings)]
+    recorded = {name: settings(profile, seed, plans[name]) for name in names}
+    todo = [name for name in names if not _up_to_date(out, name, recorded[name])]
     if not todo:
         return names
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _record(out, todo, settings)
-        generate(out, todo, size, seed, workers=workers, **counts)
+        _record(out, {name: recorded[name] for name in todo})
+        generate(out, todo, size, seed, workers=workers, profile=profile, count_scale=count_scale, **counts)
         return names
     except OSError as err:
         where = err.filename or out
