@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import logging
 import sys
 import textwrap
@@ -160,7 +161,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     """Write the synthetic dataset only into a folder clbench owns (new, empty or marked)."""
     from clbench.data.synth import synthesize
 
-    names = synthesize(args.out, categories=args.categories, size=args.size, seed=args.seed)
+    names = synthesize(args.out, categories=args.categories, size=args.size, seed=args.seed, workers=args.workers,
+                       profile=args.profile, count_scale=args.count_scale)
     print(f"wrote {len(names)} categories to {args.out}: {', '.join(names)}")
     return 0
 
@@ -284,23 +286,78 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from methods.base import METHODS
-    from strategies.base import STRATEGIES
+    """Names and one-line descriptions, read from the source (``clbench.registry.index``): no method
+    is imported, so this takes a fraction of a second and no torch."""
+    from clbench.registry import index
 
-    print("methods:    " + ", ".join(METHODS.names()))
-    print("strategies: " + ", ".join(STRATEGIES.names()))
+    for title, package in (("methods", "methods"), ("\nstrategies", "strategies")):
+        entries = index(package)
+        print(f"{title}:")
+        for name in sorted(entries):
+            print(f"  {name:12s} {entries[name].summary}")
     return 0
 
 
-CORE_COMMANDS = ("run", "sweep", "reproduce", "report", "data", "memory", "plot", "methods")
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser. One that a method declares (``CLI_COMMANDS``, see ``clbench.registry``)
+    is a stand-in with the declared help until it parses (or shows its help): then ``load`` imports
+    the method, whose ``add_cli_commands`` builds the real parser, and the stand-in hands over to it,
+    so ``clbench --help`` lists the command without importing torch."""
+
+    def __init__(self, *args: Any, load: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._load = load  # callable(subparsers) that adds this command's real parser, or None
+        self._real: argparse.ArgumentParser | None = None
+
+    def _built(self) -> argparse.ArgumentParser:
+        if self._real is None:
+            scratch = argparse.ArgumentParser(prog=self.prog).add_subparsers()
+            self._load(scratch)
+            command = self.prog.split()[-1]
+            if command not in scratch.choices:
+                raise ValueError(f"command '{command}' is declared in CLI_COMMANDS but its method's "
+                                 "add_cli_commands does not add it")
+            self._real = scratch.choices[command]
+            self._real.prog = self.prog
+        return self._real
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None):  # type: ignore[override]
+        if self._load is None:
+            return super().parse_known_args(args, namespace)
+        return self._built().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        return super().format_help() if self._load is None else self._built().format_help()
 
 
-def build_parser(method_commands: bool = True) -> argparse.ArgumentParser:
-    """The whole command line; ``method_commands=False`` leaves out the commands that method
-    packages add (their import loads torch and timm, ~3 s, which ``report`` or ``plot`` do not need)."""
+def _add_method_commands(sub) -> None:
+    """The commands method packages declare (``CLI_COMMANDS``, read from the source): each is listed
+    with its help and built by its method (``add_cli_commands``) only when used; the CLI names no method."""
+    from clbench.registry import index
+
+    added: set[str] = set()
+    for entry in index("methods").values():
+        for command, help_text in entry.commands.items():
+            if command in added:
+                continue  # a package of several methods (its ``__init__`` declares it once)
+            if command in sub.choices:
+                raise ValueError(f"method '{entry.name}' declares command '{command}', which clbench already has")
+            sub.add_parser(command, help=help_text, load=functools.partial(_method_cli, entry.name))
+            added.add(command)
+
+
+def _method_cli(method: str, subparsers) -> None:
+    from methods.base import METHODS  # imports torch: only when a method's own command is used
+
+    METHODS.get(method).add_cli_commands(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. Building it imports no method and no torch: the commands that method
+    packages add are stand-ins until used (``_CommandParser``)."""
     parser = argparse.ArgumentParser(prog="clbench", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     _add_run_parser(sub)
     add_sweep_parser(sub)
     add_reproduce_parser(sub)
@@ -313,8 +370,16 @@ def build_parser(method_commands: bool = True) -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True,
                        help="a new or empty folder (then marked as clbench's), or one clbench generated before")
     synth.add_argument("--categories", type=int, default=15)
-    synth.add_argument("--size", type=int, default=128)
+    synth.add_argument("--size", type=int,
+                       help="image side in px, one for all categories (default: the profile's: 128; mvtec: MVTec AD's "
+                            "original size per category, 700-1024)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--profile", default="default", metavar="{default,mvtec}",
+                       help="default: 40 train, 8 good and 4 per defect type per category; mvtec: MVTec AD's "
+                            "train/test counts and original sizes per category (3629 train, 1725 test images)")
+    synth.add_argument("--count-scale", dest="count_scale", type=float, default=1.0,
+                       help="scale every count (rounded half up, at least 1), e.g. 0.05 for a quick mvtec-shaped set")
+    synth.add_argument("--workers", type=int, help="processes, one category each (default: one per CPU for 4+ categories)")
     synth.set_defaults(func=cmd_synth)
     check = data_sub.add_parser(
         "check", help="validate a dataset in MVTec layout: a table, every note and warning, every error (exit 2 on errors)")
@@ -351,12 +416,7 @@ def build_parser(method_commands: bool = True) -> argparse.ArgumentParser:
     plot.set_defaults(func=cmd_plot)
 
     sub.add_parser("methods", help="list methods and strategies").set_defaults(func=cmd_methods)
-    if not method_commands:
-        return parser
-    from methods.base import METHODS  # each method's own commands (``add_cli_commands``); imports torch
-
-    for name in METHODS.names():
-        METHODS.get(name).add_cli_commands(sub)
+    _add_method_commands(sub)
     return parser
 
 
@@ -377,14 +437,8 @@ def error_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _command_word(argv: Sequence[str]) -> str | None:
-    """The subcommand named on the command line (the first word that is not an option)."""
-    return next((word for word in argv if not word.startswith("-")), None)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    words = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(method_commands=_command_word(words) not in CORE_COMMANDS)
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "memory":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -10,7 +10,8 @@ The engine calls only what is here; it never knows which method it runs. A metho
     backbone once per run), and lists them in ``frozen_backbones`` for memory accounting;
   * may describe the analytic size of its state in ``analytic_memory`` (``clbench memory``);
   * may add ``clbench`` subcommands of its own in ``add_cli_commands`` (EfficientAD's
-    ``distill-teacher``): the CLI calls it for every registered method and names none.
+    ``distill-teacher``), declared by name in its package's ``CLI_COMMANDS``: the CLI imports the
+    method only when such a command is used, and names none.
 """
 from __future__ import annotations
 
@@ -135,7 +136,8 @@ class AnomalyMethod(nn.Module, Parameterised, ABC):
     @classmethod
     def add_cli_commands(cls, subparsers) -> None:
         """Register the method's own ``clbench`` subcommands on the CLI's subparsers (each with
-        ``set_defaults(func=...)``); the CLI calls this for every registered method. Default: none."""
+        ``set_defaults(func=...)``); the CLI calls this when a command the method's package declares in
+        ``CLI_COMMANDS`` is used. Default: none."""
 
     # -- shared behaviour ----------------------------------------------------------------------
     def num_epochs(self, default: int) -> int:

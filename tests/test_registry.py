@@ -1,6 +1,6 @@
-"""The registry's discovery rule and the CLI's method seam: discovery imports each method (strategy)
-module or package and nothing else, every method registers, and a method adds its own commands to
-the CLI without the CLI naming it."""
+"""The registry's discovery rule and the CLI's method seam: the index (read from the source) names each
+method (strategy) module, discovery imports those and nothing else, ``get`` imports one, every method
+registers, and a method adds its own commands to the CLI without the CLI naming it."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ import pytest
 
 from clbench import registry as registry_module
 from clbench.cli import build_parser, main
-from clbench.registry import Registry
+from clbench.registry import Entry, Registry, index
 from methods.base import METHODS, AnomalyMethod
 
 METHOD_NAMES = ["cainnflow", "cfa", "draem", "efficientad", "fastflow", "padim", "patchcore", "stfpm"]
@@ -34,14 +34,14 @@ def _discovered(monkeypatch: pytest.MonkeyPatch, package: str) -> list[str]:
     return [c for c in calls if c == package or c.startswith(package + ".")]  # not other libraries' own
 
 
-def test_discovery_imports_the_method_modules_and_packages_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_discovery_imports_the_method_modules_only(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _discovered(monkeypatch, "methods")
-    assert calls[0] == "methods"
-    assert sorted(calls[1:]) == ["methods.cfa", "methods.draem", "methods.efficientad", "methods.flows",
-                                 "methods.padim", "methods.patchcore", "methods.stfpm"]
+    assert sorted(calls) == ["methods.cfa", "methods.draem.model", "methods.efficientad.model",
+                             "methods.flows.cainnflow", "methods.flows.fastflow", "methods.padim",
+                             "methods.patchcore", "methods.stfpm"]
     # helpers (methods.base, methods.training, methods.efficientad.distill, ...) are never imported as methods
     calls = _discovered(monkeypatch, "strategies")
-    assert sorted(calls[1:]) == ["strategies.joint", "strategies.replay", "strategies.sequential"]
+    assert sorted(calls) == ["strategies.joint", "strategies.replay", "strategies.sequential"]
 
 
 def test_every_method_registers_from_its_module_or_package() -> None:
@@ -57,18 +57,18 @@ def test_every_method_registers_from_its_module_or_package() -> None:
 @pytest.fixture
 def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A package laid out like ``methods``: a method module, a method package with a helper module,
-    helper modules listed in ``HELPER_MODULES``, a private module, and a ``base`` module."""
+    helper modules, a private module (registering, but private), and a ``base`` module."""
     name = "fake_methods_for_discovery"
     root = tmp_path / name
     files = {
         "__init__.py": """
             from clbench.registry import Registry
             REG = Registry("thing", __name__)
-            HELPER_MODULES = ("base", "helper")
         """,
         "base.py": "raise AssertionError('base imported by discovery')",
         "helper.py": "raise AssertionError('helper imported by discovery')",
-        "_private.py": "raise AssertionError('private module imported by discovery')",
+        "_private.py": "raise AssertionError('private module imported by discovery')\n"
+                       "@REG.register('private')\nclass Private: pass",
         "alpha.py": """
             from fake_methods_for_discovery import REG
             @REG.register("alpha")
@@ -92,20 +92,30 @@ def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     yield name
     for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
         del sys.modules[module]
+    index.cache_clear()  # the next test's package lies in another folder
+
+
+def _loaded(package: str) -> list[str]:
+    return sorted(m for m in sys.modules if m.startswith(package + "."))
 
 
 def test_the_rule_on_a_package_of_its_own(fake_package: str) -> None:
     package = importlib.import_module(fake_package)
-    assert package.REG.names() == ["alpha", "multi"]
-    loaded = sorted(m for m in sys.modules if m.startswith(fake_package + "."))
-    assert loaded == [f"{fake_package}.alpha", f"{fake_package}.multi", f"{fake_package}.multi.model"]
+    assert package.REG.names() == ["alpha", "multi"] and _loaded(fake_package) == []  # names: nothing imported
+    assert package.REG.get("multi").__name__ == "Multi"  # one name: its module only
+    assert _loaded(fake_package) == [f"{fake_package}.multi", f"{fake_package}.multi.model"]
+    package.REG.discover()
+    assert _loaded(fake_package) == [f"{fake_package}.alpha", f"{fake_package}.multi", f"{fake_package}.multi.model"]
 
 
-def test_without_a_helper_list_only_base_is_skipped(fake_package: str) -> None:
+def test_an_unknown_name_or_a_stale_index_is_one_clear_error(fake_package: str, monkeypatch: pytest.MonkeyPatch) -> None:
     package = importlib.import_module(fake_package)
-    del package.HELPER_MODULES
-    with pytest.raises(AssertionError, match="helper imported by discovery"):
-        package.REG.discover()
+    with pytest.raises(ValueError, match=r"unknown thing 'beta' \(available: alpha, multi\)"):
+        package.REG.get("beta")
+    # an index that says alpha registers 'beta' (it does not)
+    monkeypatch.setitem(index(fake_package), "beta", Entry("beta", f"{fake_package}.alpha"))
+    with pytest.raises(ValueError, match=f"thing 'beta': importing {fake_package}.alpha did not register it"):
+        package.REG.get("beta")
 
 
 def test_the_cli_adds_each_methods_own_commands(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -119,6 +129,9 @@ def test_the_cli_adds_each_methods_own_commands(monkeypatch: pytest.MonkeyPatch,
 
     assert AnomalyMethod.add_cli_commands(argparse.ArgumentParser().add_subparsers()) is None  # default: nothing
     monkeypatch.setitem(METHODS._entries, "with-command", WithCommand)
+    # what a module's ``CLI_COMMANDS = {"hello-method": ...}`` declares, as the index reads it from the source
+    monkeypatch.setitem(index("methods"), "with-command",
+                        Entry("with-command", __name__, commands={"hello-method": "a method's own command"}))
     parser = build_parser()
     assert parser.parse_args(["distill-teacher", "--images", "in", "--out", "out"]).func.__module__ == \
         "methods.efficientad.distill"  # EfficientAD's own command

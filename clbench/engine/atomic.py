@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import yaml
 
 # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp") names: 8 characters of tempfile's alphabet.
@@ -98,6 +97,8 @@ def write_text(path: str | Path, text: str) -> Path:
 def json_safe(data: Any) -> Any:
     """``data`` with every NaN or infinite float replaced by None: JSON has no NaN (``null`` is
     what strict parsers, browsers and other languages accept)."""
+    import numpy as np  # here, not at the top: ``clbench --help`` and ``report --help`` need no numpy
+
     if isinstance(data, np.generic):
         data = data.item()  # numpy scalars: plain Python values
     if isinstance(data, float):

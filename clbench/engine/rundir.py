@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import numpy as np
 import yaml
 
 from clbench.engine import atomic
@@ -107,6 +106,8 @@ def _reason(err: BaseException) -> str:
 
 def _plain(value: Any) -> Any:
     """numpy scalars as Python values: a checkpoint must load with ``weights_only=True``."""
+    import numpy as np  # here, not at the top: ``clbench --help`` and ``report --help`` need no numpy
+
     return value.item() if isinstance(value, np.generic) else value
 
 

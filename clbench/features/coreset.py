@@ -31,15 +31,19 @@ inside the loop (no ``.item()``), so one iteration is a handful of kernel launch
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
-from sklearn.random_projection import johnson_lindenstrauss_min_dim
 
 DEFAULT_EPS = 0.9  # PatchCore's and seed 003's JL distortion for coreset selection
 
 
 def jl_min_dim(n_samples: int, eps: float = DEFAULT_EPS) -> int:
-    """Johnson-Lindenstrauss target dimension for ``n_samples`` points (sklearn's formula)."""
-    return int(johnson_lindenstrauss_min_dim(n_samples, eps=eps))
+    """Johnson-Lindenstrauss target dimension for ``n_samples`` points: sklearn's
+    ``johnson_lindenstrauss_min_dim`` formula, written out because importing scikit-learn for it
+    costs a PatchCore run about 1 s (tests/test_coreset.py checks it equals sklearn's)."""
+    if not 0 < eps < 1 or n_samples <= 0:
+        raise ValueError(f"jl_min_dim: needs 0 < eps < 1 and n_samples > 0, got eps={eps}, n_samples={n_samples}")
+    return int(4 * np.log(np.float64(n_samples)) / (eps**2 / 2 - eps**3 / 3))
 
 
 def sparse_random_matrix(

@@ -2,11 +2,9 @@
 ``convert`` that lays one out in MVTec layout by links (``clbench data convert FORMAT SRC DST``).
 
 Each format is one module that registers itself in ``FORMATS`` (``@FORMATS.register("visa")``); the
-registry imports every module here except the helpers listed in ``HELPER_MODULES``."""
+registry finds it in the source (``clbench.registry``: an ``ast`` index) and imports it when asked."""
 from clbench.data.formats.base import FORMATS, CategoryPlan, DatasetFormat, TestImage, TrainImage
 from clbench.data.formats.convert import MARKER, convert_dataset, read_conversion_marker
-
-HELPER_MODULES = ("base", "convert")
 
 __all__ = ["FORMATS", "MARKER", "CategoryPlan", "DatasetFormat", "TestImage", "TrainImage", "convert_dataset",
            "read_conversion_marker"]
