@@ -109,6 +109,8 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run folder from its last completed step")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plots", dest="plots", action="store_false", default=None,
+                   help="do not draw the plots at the end (draw them later with clbench plot RUN)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks of errors")
 
 
@@ -121,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in ("method", "strategy", "task_order", "backbone", "weights", "image_size", "crop_size", "val_fraction",
                     "seed", "device", "data_root", "output_dir", "name", "epochs_scale", "max_epochs",
-                    "require_pretrained", "synthetic", "evaluation")
+                    "require_pretrained", "synthetic", "evaluation", "plots")
     }
     overrides["tasks"] = _parse_tasks(args.tasks)
     config = config_mod.load(args.config, overrides)

@@ -47,7 +47,7 @@ SUMMARY_STATS = ("acc", "bwt", "fm", "relative_forgetting")
 # Keys that may differ between a run and its resume (where and how fast, not what is computed).
 # ``synthetic`` only says whether data may be generated (runs before auto|true|false saved true);
 # the dataset fingerprint checked at resume is what keeps a resume on the run's data.
-RESUME_FREE_KEYS = ("device", "feature_cache_gb", "output_dir", "eval_batch_size", "name", "synthetic")
+RESUME_FREE_KEYS = ("device", "feature_cache_gb", "output_dir", "eval_batch_size", "name", "synthetic", "plots")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -377,7 +377,8 @@ class Experiment:
         summary = self.summary(results, experiences, pool)
         self.folder.write_summary(summary)
         self.folder.remove_feature_cache()
-        self._plots()
+        if self.config.plots:
+            self._plots()
         warn_undefined(summary)
 
     def _restore(self, state: dict[str, Any], method: AnomalyMethod, strategy: Strategy) -> None:

@@ -293,6 +293,8 @@ def expand(spec: SweepSpec, *, check: bool = True, max_cells: int | None = MAX_C
                 set_dotted(config, key, value, where)
             _absolute_paths(config)
             name = cell_name(params, config, abbreviations)
+            # a sweep's plots are the report's; a cell's own are drawn on demand (clbench plot), unless the spec asks
+            config.setdefault("plots", False)
             other = seen.get(name.casefold())
             if other is not None:
                 if other.config == {**config, "output_dir": other.config["output_dir"], "name": other.name}:
