@@ -85,3 +85,41 @@ class InMemoryStream:
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
             yield Batch(b.pixels[rows], [b.keys[i] for i in rows.tolist()], b.labels[rows], b.masks[rows])
+
+
+# -- PatchCore on hand-made embeddings (test_patchcore, test_evaluation_modes) ----------------------
+PATCHES, EMBED_DIMS = 4, 3  # patches per image (a 2x2 grid) and embedding dims of the tables below
+
+
+class EmbeddingTable(dict):
+    """key -> (PATCHES, EMBED_DIMS) embedding; ``embed`` looks batches up here instead of a backbone."""
+
+    def add(self, prefix: str, values: torch.Tensor) -> list[str]:
+        keys = [f"{prefix}/{i}" for i in range(len(values))]
+        self.update(zip(keys, values))
+        return keys
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        return torch.stack([self[k] for k in batch.keys])
+
+
+def key_batch(keys: list[str], task_index: list[int] | None = None) -> Batch:
+    """A batch that is only its keys (blank 2x2 pixels), with an optional oracle task index."""
+    n = len(keys)
+    given = None if task_index is None else torch.tensor(task_index, dtype=torch.int64)
+    return Batch(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), keys, torch.zeros(n, dtype=torch.int64),
+                 torch.zeros(n, 2, 2, dtype=torch.bool), task_index=given)
+
+
+class KeyStream:
+    """A training stream of ``key_batch``es, in order."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+        for start in range(0, len(self.keys), batch_size):
+            yield key_batch(self.keys[start:start + batch_size])

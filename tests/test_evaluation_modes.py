@@ -16,41 +16,16 @@ from clbench.data import Batch, ImageStore, load_category
 from clbench.engine.config import ConfigError, RunConfig, load
 from clbench.engine.evaluation import TASK_ID_METRIC, evaluate_all, task_id_summary, task_indices
 from clbench.features.backbones import BackbonePool
-from helpers import engine_run, write_category
+from helpers import EMBED_DIMS, PATCHES, EmbeddingTable, KeyStream, engine_run, key_batch, write_category
 from methods.base import AnomalyMethod, MethodContext, Prediction, TaskData
 from methods.patchcore import PatchCore
 
-P, D = 4, 3  # patches per image (2x2 grid), embedding dims
 POOL = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=0, spill_dir=None)
+P, D = PATCHES, EMBED_DIMS
+Table, Stream, make_batch = EmbeddingTable, KeyStream, key_batch
 
 
 # -- PatchCore on hand-made embeddings ------------------------------------------------------------
-class Table(dict):
-    """key -> (P, D) embedding: PatchCore's ``embed`` looks batches up here instead of a backbone."""
-
-    def embed(self, batch: Batch) -> torch.Tensor:
-        return torch.stack([self[k] for k in batch.keys])
-
-
-class Stream:
-    def __init__(self, keys: list[str]) -> None:
-        self.keys = keys
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0):
-        for start in range(0, len(self.keys), batch_size):
-            yield make_batch(self.keys[start:start + batch_size])
-
-
-def make_batch(keys: list[str], task_index: list[int] | None = None) -> Batch:
-    n = len(keys)
-    given = None if task_index is None else torch.tensor(task_index, dtype=torch.int64)
-    return Batch(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), keys, torch.zeros(n, dtype=torch.int64),
-                 torch.zeros(n, 2, 2, dtype=torch.bool), task_index=given)
-
-
 def patchcore(table: Table) -> PatchCore:
     context = MethodContext(POOL, torch.device("cpu"), image_size=2, seed=0, progress=False)
     model = PatchCore(context, backbone="resnet18", sigma=0.0, batch_size=4, budget=60)

@@ -11,41 +11,15 @@ import torch
 
 from clbench.features.backbones import BackbonePool
 from clbench.engine.config import RunConfig
-from clbench.data import Batch
 from clbench.engine.runner import run_experiment
 from methods.base import MethodContext, TaskData
 from clbench.features.knn import FlatL2Index
 from methods.patchcore import PatchCore, bank_targets, neighbourhood, patch_embedding
 
-P, D = 4, 3  # patches per image (2x2 grid), embedding dims
+from helpers import EMBED_DIMS, PATCHES, EmbeddingTable, KeyStream
 
-
-class FakeStream:
-    """Batches whose keys name rows of a shared embedding table."""
-
-    def __init__(self, keys: list[str]) -> None:
-        self.keys = keys
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0):
-        for start in range(0, len(self.keys), batch_size):
-            keys = self.keys[start : start + batch_size]
-            n = len(keys)
-            yield Batch(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), keys, torch.zeros(n, dtype=torch.long), torch.zeros(n, 2, 2, dtype=torch.bool))
-
-
-class Table(dict):
-    """key -> (P, D) embedding; ``embed`` looks batches up here instead of running a backbone."""
-
-    def add(self, prefix: str, values: torch.Tensor) -> list[str]:
-        keys = [f"{prefix}/{i}" for i in range(len(values))]
-        self.update(zip(keys, values))
-        return keys
-
-    def embed(self, batch: Batch) -> torch.Tensor:
-        return torch.stack([self[k] for k in batch.keys])
+P, D = PATCHES, EMBED_DIMS
+Table, FakeStream = EmbeddingTable, KeyStream
 
 
 POOL = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=0, spill_dir=None)  # one resnet18 for all

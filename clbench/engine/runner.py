@@ -444,7 +444,7 @@ class Experiment:
                               f"0..{len(experiences) - 1}; summary.json not written")
         summary: dict[str, Any] = {"complete": True, "steps": len(experiences), "tasks": self.tasks, "metrics": {}}
         summary["schedule"] = [{"step": e.step, "label": e.label, "tasks": list(e.task_names)} for e in experiences]
-        taught = task_indices([e.task_names for e in experiences])
+        taught = self._task_index  # category -> its teaching step (set in run)
         taught_at = [taught[name] for name in self.tasks]  # each category's teaching step: schedule-aware BWT/FM
         for metric in metrics:
             R = accuracy_matrix(results.frame("metrics"), metric, self.tasks).to_numpy(dtype=float)

@@ -1,4 +1,4 @@
-"""File listing shared by the formats of BTAD, Real-IAD, MVTec AD 2 and MPDD/MVTec: the visible image
+"""File listing shared by the dataset formats: the visible image
 files of a folder, and one sniffed mask convention. Every fault is one ``DatasetError`` naming the
 path, so a format's ``plan`` stops on bad data with the line the user needs."""
 from __future__ import annotations
@@ -34,6 +34,15 @@ def subfolders(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p))
+
+
+def categories_having(src: Path, marker: str, what: str) -> list[str]:
+    """The subfolders of ``src`` that hold ``marker`` (e.g. "train/good"), sorted; none is one
+    ``DatasetError`` naming ``src`` and what was expected (``what``: "BTAD product", ...)."""
+    found = [p.name for p in subfolders(src) if (p / marker).is_dir()]
+    if not found:
+        raise DatasetError(f"{src}: no {what} found (expected <{what.split()[-1]}>/{marker})")
+    return found
 
 
 def sniff_mask_values(mask: Path) -> str:

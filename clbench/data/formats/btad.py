@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clbench.data.dataset import DatasetError
-from clbench.data.formats._files import image_files, subfolders
+from clbench.data.formats._files import categories_having, image_files
 from clbench.data.formats.base import FORMATS, CategoryPlan, DatasetFormat, TestImage, TrainImage
 
 EXTENSIONS = (".bmp", ".png")
@@ -25,10 +25,7 @@ class BTAD(DatasetFormat):
     description = "BTAD (beanTech): products 01/02/03 with train/ok, test/{ok,ko}, ground_truth/ko (bmp/png mixed)"
 
     def categories(self, src: Path) -> list[str]:
-        found = [p.name for p in subfolders(src) if (p / "train" / "ok").is_dir()]
-        if not found:
-            raise DatasetError(f"{src}: no BTAD product found (expected <product>/train/ok, e.g. 01/train/ok)")
-        return found
+        return categories_having(src, "train/ok", "BTAD product")
 
     def plan(self, src: Path, category: str) -> CategoryPlan:
         folder = src / category

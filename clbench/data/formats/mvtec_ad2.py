@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clbench.data.dataset import DatasetError
-from clbench.data.formats._files import image_files, subfolders
+from clbench.data.formats._files import categories_having, image_files
 from clbench.data.formats.base import FORMATS, CategoryPlan, DatasetFormat, TestImage, TrainImage
 
 PUBLIC = "test_public"
@@ -41,10 +41,7 @@ class MVTecAD2(DatasetFormat):
         self.split = split
 
     def categories(self, src: Path) -> list[str]:
-        found = [p.name for p in subfolders(src) if (p / "train" / "good").is_dir()]
-        if not found:
-            raise DatasetError(f"{src}: no MVTec AD 2 category found (expected <category>/train/good)")
-        return found
+        return categories_having(src, "train/good", "MVTec AD 2 category")
 
     def plan(self, src: Path, category: str) -> CategoryPlan:
         folder = src / category

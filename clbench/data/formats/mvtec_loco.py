@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clbench.data.dataset import IMAGE_EXTENSIONS, DatasetError, is_hidden
+from clbench.data.dataset import DatasetError
+from clbench.data.formats._files import categories_having, image_files, subfolders
 from clbench.data.formats.base import FORMATS, CategoryPlan, DatasetFormat, TestImage, TrainImage
 
 
@@ -23,7 +24,7 @@ class MVTecLOCO(DatasetFormat):
     description = "MVTec LOCO AD: several masks per image (merged), logical/structural anomalies, validation split"
 
     def categories(self, src: Path) -> list[str]:
-        return sorted(p.name for p in _visible(src) if p.is_dir() and (p / "train" / "good").is_dir())
+        return categories_having(src, "train/good", "MVTec LOCO AD category")
 
     def plan(self, src: Path, category: str) -> CategoryPlan:
         folder = src / category
@@ -33,7 +34,7 @@ class MVTecLOCO(DatasetFormat):
         if not test_dir.is_dir():
             raise DatasetError(f"{test_dir}: missing (every category needs a test folder)")
         test: list[TestImage] = []
-        for defect_dir in (p for p in _visible(test_dir) if p.is_dir()):
+        for defect_dir in subfolders(test_dir):
             defect = defect_dir.name
             for image in _images(defect_dir, required=True):
                 if defect == "good":
@@ -42,7 +43,7 @@ class MVTecLOCO(DatasetFormat):
                 mask_dir = folder / "ground_truth" / defect / image.stem
                 if not mask_dir.is_dir():
                     raise DatasetError(f"{mask_dir}: missing (the mask folder of test image {image})")
-                masks = tuple(p for p in _visible(mask_dir) if p.suffix.lower() == ".png" and p.is_file())
+                masks = tuple(image_files(mask_dir, (".png",)))
                 if not masks:
                     raise DatasetError(f"{mask_dir}: no mask files (.png) for test image {image}")
                 test.append(TestImage(image, defect, masks))
@@ -58,19 +59,12 @@ class MVTecLOCO(DatasetFormat):
         )
 
 
-def _visible(folder: Path) -> list[Path]:
-    try:
-        return sorted(p for p in folder.iterdir() if not is_hidden(p))
-    except OSError as err:
-        raise DatasetError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
-
-
 def _images(folder: Path, required: bool) -> list[Path]:
     if not folder.is_dir():
         if required:
             raise DatasetError(f"{folder}: missing")
         return []
-    images = [p for p in _visible(folder) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    images = image_files(folder)
     if required and not images:
         raise DatasetError(f"{folder}: no images")
     return images
