@@ -78,7 +78,7 @@ class RunConfig:
     # agnostic: the method sees only the test image | oracle: also the index of the step that taught its
     # category, for a task already taught (clbench.engine.evaluation)
     evaluation: str = setting("agnostic", Options("agnostic", "oracle"))
-    # draw the run's plots when it ends (~1 s); false leaves them to `clbench plot` (sweep cells default to false)
+    # draw the run's plots when it ends (1.3-1.7 s for the quickstart's 6 tasks); false leaves them to `clbench plot` (sweep cells default to false)
     plots: bool = setting(True, bool)
     epochs_scale: float = setting(1.0, POSITIVE)  # scales trainable methods' epochs (e.g. 0.1 for short runs)
     max_epochs: int | None = setting(None, [None, POSITIVE_INT])  # caps trainable methods' epochs
