@@ -58,6 +58,15 @@ def default_n_features(backbone: str, total: int) -> int:
     return min(total, DEFAULT_FEATURES.get(backbone.split(".")[0], FALLBACK_FEATURES))
 
 
+def split_channels(index: torch.Tensor, channels: list[int]) -> list[list[int]]:
+    """Per-layer local indices of a sorted index into the layers' concatenated channels."""
+    out, offset, values = [], 0, index.tolist()
+    for count in channels:
+        out.append([i - offset for i in values if offset <= i < offset + count])
+        offset += count
+    return out
+
+
 def regularised_covariance(scatter: torch.Tensor, count: int, epsilon: float) -> torch.Tensor:
     """Unbiased covariance ``scatter / (count - 1) + epsilon * I`` (PaDiM eq. 1), (P, d, d), new tensor."""
     covariance = scatter / max(count - 1, 1)
@@ -105,14 +114,16 @@ class PaDiM(AnomalyMethod):
     def __init__(self, context: MethodContext, **params: Any) -> None:
         super().__init__(context, **params)
         p = self.params
-        self.backbone = context.backbones.get(p["backbone"], p["layers"])
-        total = sum(self.backbone.channels)
+        channels, _ = feature_info(p["backbone"], p["layers"])  # the architecture's, before any weights
+        total = sum(channels)
         n_features = p["n_features"] or default_n_features(p["backbone"], total)
-        if n_features > total:  # the backbone's channels: known once it is built
+        if n_features > total:
             raise ValueError(f"method_params: n_features={n_features} is not an integer in [1, {total}] "
                              f"(the channels of {p['backbone']}'s layers)")
         generator = torch.Generator().manual_seed(context.seed)
         index = torch.randperm(total, generator=generator)[:n_features].sort().values
+        # the backbone caches only the selected channels (350 of WRN50-2's 1792): same numbers, sliced earlier
+        self.backbone = context.backbones.get(p["backbone"], p["layers"], channels=split_channels(index, channels))
         self.register_buffer("channel_index", index)
         self.register_buffer("mean", torch.empty(0))
         self.register_buffer("n_tasks", torch.zeros((), dtype=torch.long))
@@ -130,17 +141,14 @@ class PaDiM(AnomalyMethod):
 
     # -- embedding -----------------------------------------------------------------------------
     def embed(self, batch: Batch) -> torch.Tensor:
-        """(B, P, d) patch embeddings: selected channels of layers upsampled to the first grid."""
+        """(B, P, d) patch embeddings: selected channels of layers upsampled to the first grid (the
+        backbone returns only the selected channels; a layer with none of them still gives the grid)."""
         features = self.backbone.features(batch)
         grid = features[0].shape[-2:]
-        parts, offset = [], 0
+        parts = []
         for level in features:
-            channels = level.shape[1]
-            local = self.channel_index[(self.channel_index >= offset) & (self.channel_index < offset + channels)] - offset
-            offset += channels
-            if local.numel() == 0:
+            if level.shape[1] == 0:
                 continue
-            level = level.index_select(1, local.to(level.device))
             if level.shape[-2:] != grid:
                 level = F.interpolate(level, size=grid, mode="nearest")
             parts.append(level)
@@ -199,6 +207,9 @@ class PaDiM(AnomalyMethod):
 
     def on_state_loaded(self) -> None:
         """Rebuild the inverse covariance used for scoring (nothing to do in precision mode)."""
+        channels, _ = feature_info(self.params["backbone"], self.params["layers"])
+        if split_channels(self.channel_index, channels) != [list(c) for c in self.backbone.selection]:
+            raise ValueError("PaDiM: the state's channel_index is not the channel selection of this seed's backbone")
         mode = self.params["average"]
         if mode == "covariance" and self.covariance.numel():
             self.precision = spd_inverse(self.covariance)

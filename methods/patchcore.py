@@ -12,6 +12,32 @@ learned, every stored bank is re-subsampled to ``budget // (i+1)`` and the new t
 subsampled to the same size (greedy k-center coreset on a JL sparse random projection, eps 0.9,
 see ``clbench.features.coreset``); a bank already smaller than its target is kept whole, so the
 total never exceeds the budget. A joint step (several tasks at once) makes one bank with the whole budget.
+
+Streaming a step's patches (``stream_bytes``). A joint step over 15 MVTec categories at 224 px has
+~3600 images x 784 patches x 1536 dims x 4 B = 17.5 GB of patches, too many to hold before the
+coreset. ``StreamedCoreset`` keeps them only while they fit under ``stream_bytes`` (default 2 GiB,
+above one MVTec category at 224 px with WRN50-2): a step that fits, and any step of one category
+whatever its size, is subsampled as one tensor exactly as before (same rows, same order). Otherwise
+it becomes a *composable coreset* (Indyk, Mahabadi, Mahdian, Mirrokni, PODS 2014, "Composable
+core-sets for diversity and coverage maximization"): the step is cut into parts, one per category
+(an image's category is its key's first component; replayed images of earlier categories are parts
+of their own), a part that alone exceeds the cap into chunks of about the cap; each part is
+subsampled to the bank's target as it is flushed (only its selected rows are kept), and the new
+bank is the greedy coreset of the union of the parts' selections. Bound (exact distances): greedy
+k-center on a part P_i covers it within 2 r*(P_i) <= 2 r*(P) (Gonzalez's proof allows centres
+anywhere, and a subset's optimum is at most the whole's), and greedy on the union U covers U within
+2 r*(U) <= 2 r*(P), so every patch is within 4 r* <= 4 x (greedy on all patches' radius) of the
+bank (tests/test_patchcore_stream.py). Flushing: when the held patches exceed the cap, every held
+category except the latest batch's last image's (the part still arriving: a joint step streams its
+categories one after the other) is flushed, and that one too if it alone still exceeds the cap; so
+at most the cap plus one batch is held, plus one part's concatenated copy while it is subsampled,
+plus the selections (at most the bank target per part; today's all-at-once path held every patch
+twice, the per-batch list and its concatenation). A step that teaches one category holds its
+patches whole until a second (replayed) category appears, so a one-category step stays
+bit-identical whatever its size. Part p's coreset is seeded with
+``seeding.bank_seed(bank seed, p)``, the union's with the bank seed itself: deterministic.
+Measured by benchmarks/bench_patchcore_joint.py (``--mode streamed|all-at-once``).
+
 Banks live in one concatenated ``memory_bank`` (M, D) float32 buffer with ``bank_sizes`` (n,) and
 ``bank_tasks`` (n,) (how many tasks each bank was learned from) int64 buffers, so ``state_dict``
 carries them; the faiss indexes are derived caches rebuilt from the buffers. (The paper's code:
@@ -50,7 +76,7 @@ maps equal with ``upsample_mode="nearest"``, image scores equal for ``num_neighb
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +141,81 @@ def reweighted_score(
     return (1.0 - torch.softmax(distances, dim=1)[:, 0]) * max_distance
 
 
+def image_categories(keys: Sequence[str]) -> list[str]:
+    """Each image's category: its key's first component (``<category>/<split>/...``)."""
+    return [key.split("/", 1)[0] for key in keys]
+
+
+def part_seed(bank_seed: int, part: int) -> int:
+    """The coreset seed of part ``part`` of a streamed bank: its own stream derived from the bank's."""
+    return seeding.bank_seed(bank_seed, part)
+
+
+class StreamedCoreset:
+    """A step's patches fed batch by batch; ``result`` is what the new bank is subsampled from.
+
+    Holds the patches as they come while they fit under ``cap_bytes`` (or, unless ``several``,
+    while only one category has been seen); ``result`` is then every patch in arrival order, as
+    one tensor (the unstreamed behaviour). Past the cap it flushes parts (module docstring):
+    ``select(rows, seed)`` subsamples a part to the bank's target, and ``result`` is the union of
+    the selections, in flush order.
+    """
+
+    def __init__(self, cap_bytes: int, bank_seed: int, select: Callable[[torch.Tensor, int], torch.Tensor],
+                 several: bool = True) -> None:
+        self.cap_bytes = cap_bytes
+        self.several = several  # the step teaches several categories: it may stream from its first
+        self.bank_seed = bank_seed
+        self.select = select
+        self.pending: list[tuple[str, torch.Tensor]] = []  # (category, rows) in arrival order
+        self.pending_bytes = 0
+        self.selections: list[torch.Tensor] = []
+        self.categories: set[str] = set()
+        self.streamed = False
+
+    def add(self, categories: Sequence[str], patches: torch.Tensor) -> None:
+        """One batch: ``categories`` per image, ``patches`` (B, P, D)."""
+        start = 0
+        for end in range(1, len(categories) + 1):  # runs of consecutive images of one category
+            if end == len(categories) or categories[end] != categories[start]:
+                self.pending.append((categories[start], patches[start:end].flatten(0, 1)))
+                start = end
+        self.pending_bytes += patches.nelement() * patches.element_size()
+        self.categories.update(categories)
+        if self.pending_bytes > self.cap_bytes and (self.several or len(self.categories) > 1):
+            self.flush(keep=categories[-1])  # the part still arriving stays open
+
+    def flush(self, keep: str | None = None) -> None:
+        """Subsample every held category (``keep`` only if it alone still exceeds the cap)."""
+        self.streamed = True
+        order = list(dict.fromkeys(c for c, _ in self.pending))
+        if keep in order:
+            order.remove(keep)
+            order.append(keep)
+        for category in order:
+            held = sum(r.nelement() * r.element_size() for c, r in self.pending if c == keep)
+            if category == keep and held <= self.cap_bytes:
+                break
+            rows = [r for c, r in self.pending if c == category]
+            self.pending = [(c, r) for c, r in self.pending if c != category]
+            self.pending_bytes -= sum(r.nelement() * r.element_size() for r in rows)
+            self.compress(torch.cat(rows))
+
+    def compress(self, rows: torch.Tensor) -> None:
+        self.selections.append(self.select(rows, part_seed(self.bank_seed, len(self.selections))))
+
+    def result(self) -> torch.Tensor:
+        """(N, D): every patch (not streamed) or the union of the parts' selections."""
+        if not self.streamed:
+            if not self.pending:
+                return torch.empty(0)
+            rows = torch.cat([r for _, r in self.pending])
+            self.pending, self.pending_bytes = [], 0
+            return rows
+        self.flush()
+        return torch.cat(self.selections)
+
+
 def neighbourhood(index: FlatL2Index, bank: torch.Tensor, centre: torch.Tensor, k: int) -> torch.Tensor:
     """(b, k) bank indices N_b(m*): each ``centre`` first, then its k-1 nearest *other* bank rows.
 
@@ -144,6 +245,8 @@ class PatchCore(AnomalyMethod):
         "upsample_mode": Param("bilinear", Options("bilinear", "nearest")),
         "sigma": Param(4.0, NON_NEGATIVE),  # 0: no smoothing
         "batch_size": Param(32, POSITIVE_INT),
+        # bytes of patches a step holds before it streams them as a composable coreset (module docstring)
+        "stream_bytes": Param(2**31, POSITIVE_INT),
     }
 
     def __init__(self, context: MethodContext, **params: Any) -> None:
@@ -170,12 +273,20 @@ class PatchCore(AnomalyMethod):
 
     # -- learning ------------------------------------------------------------------------------
     @torch.no_grad()
-    def task_patches(self, data: TaskData) -> torch.Tensor:
-        """(N, D) every patch of every training image of the step (replayed images included)."""
-        parts = [self.embed(batch).flatten(0, 1) for batch in data.train.batches(self.params["batch_size"])]
-        if not parts:
+    def task_patches(self, data: TaskData, target: int, seed: int) -> torch.Tensor:
+        """(N, D) what the step's bank is subsampled from: every patch of every training image of the
+        step (replayed images included) or, past ``stream_bytes``, the union of its parts' coresets
+        of ``target`` rows each (module docstring), on the bank's device."""
+        device = self.memory_bank.device
+        stream = StreamedCoreset(self.params["stream_bytes"], seed,
+                                 lambda rows, s: self.subsample(rows.to(device), target, s),
+                                 several=len(data.task_names) > 1)
+        for batch in data.train.batches(self.params["batch_size"]):
+            stream.add(image_categories(batch.keys), self.embed(batch))
+        patches = stream.result()
+        if not len(patches):
             raise ValueError(f"PatchCore: no training images for tasks {data.task_names}")
-        return torch.cat(parts)
+        return patches.to(device)
 
     def subsample(self, features: torch.Tensor, size: int, seed: int) -> torch.Tensor:
         """Greedy k-center coreset of ``size`` rows (all rows when there are not more)."""
@@ -186,17 +297,22 @@ class PatchCore(AnomalyMethod):
 
     @torch.no_grad()
     def fit_task(self, data: TaskData) -> None:
-        patches = self.task_patches(data).to(self.memory_bank.device)
         old = self.banks()
-        targets = bank_targets([len(b) for b in old], patches.shape[0], self.params["budget"])
+        sizes, budget = [len(b) for b in old], self.params["budget"]
+        seed = seeding.bank_seed(data.seed, len(old))
+        patches = self.task_patches(data, bank_targets(sizes, budget, budget)[-1], seed)  # budget // (t + 1)
+        targets = bank_targets(sizes, patches.shape[0], budget)
         banks = [self.subsample(bank, size, seeding.bank_seed(data.seed, j)) for j, (bank, size) in enumerate(zip(old, targets))]
-        banks.append(self.subsample(patches, targets[-1], seeding.bank_seed(data.seed, len(old))))
+        banks.append(self.subsample(patches, targets[-1], seed))
         del patches
         device = self.memory_bank.device
         self.memory_bank = torch.cat(banks).contiguous()
         self.bank_sizes = torch.tensor([len(b) for b in banks], dtype=torch.long, device=device)
         self.bank_tasks = torch.cat([self.bank_tasks, torch.tensor([len(data.task_names)], device=device)])
         self.on_state_loaded()
+        # recorded per step (training.csv): 1 when every bank is searched by a faiss GPU index; the
+        # reason for a CPU index (no CUDA, a faiss-cpu build, a failed GPU index) is logged by knn
+        self.fit_info["knn_gpu"] = float(all(index.backend == "faiss-gpu" for index in self._indexes))
 
     def on_state_loaded(self) -> None:
         """Rebuild the per-bank faiss indexes (derived from ``memory_bank``)."""

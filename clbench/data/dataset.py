@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -343,6 +345,12 @@ def _scan_category(root: Path, name: str, val_fraction: float, seed: int, verify
     )
 
 
+def default_decode_workers() -> int:
+    """Decode threads when none are asked for: PIL's decode and resize release the GIL, so a few
+    threads keep up with the backbone; more than 4 buys little and takes cores from torch."""
+    return min(4, os.cpu_count() or 1)
+
+
 class ImageStore:
     """Decodes each image once at the run's resolution and keeps it as a uint8 CHW tensor.
 
@@ -355,29 +363,72 @@ class ImageStore:
     low resolution: the run goes on, the image still counts for image metrics). ``out_size`` is
     what methods see and what is evaluated. Keeping uint8 (not float) is 4x smaller and is also
     the replay buffer's storage format.
+
+    ``decode_workers`` threads (None: ``default_decode_workers()``; 0 or 1: every image decoded in
+    the caller, as before) decode what ``prefetch`` is given while the caller works on something
+    else: with 700-1024 px originals PIL, not the backbone, would otherwise set the pace. Workers
+    only decode; the caller's thread takes their results (``image``/``mask``), so the cache, the
+    empty-mask warnings and a corrupt file's DatasetError (re-raised from the worker) come in the
+    order and with the text of the serial decode, and each image is decoded once. One consumer
+    thread per store.
     """
 
-    def __init__(self, size: int, crop: int | None = None) -> None:
+    def __init__(self, size: int, crop: int | None = None, decode_workers: int | None = None) -> None:
         if size <= 0:
             raise ValueError(f"image_size must be positive, got {size}")
         if crop is not None and not 0 < crop <= size:
             raise ValueError(f"crop_size must be in 1..image_size ({size}), got {crop}")
+        workers = default_decode_workers() if decode_workers is None else decode_workers
+        if workers < 0:
+            raise ValueError(f"decode_workers must be 0 or more, got {decode_workers}")
         self.size = size
         self.crop = crop
         self.out_size = crop or size
+        self.decode_workers = workers
         self._offset = int(round((size - self.out_size) / 2.0))
         self._images: dict[str, torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] = {}
+        # decodes submitted by ``prefetch`` and not yet taken: ("image" | "mask", key) -> Future
+        self._pending: dict[tuple[str, str], Future] = {}
+        self._pool: ThreadPoolExecutor | None = None  # started at the first prefetch
+
+    def __getstate__(self) -> dict:
+        """Picklable without its threads: pending decodes are dropped (they are redone on demand)."""
+        state = dict(self.__dict__)
+        state.update(_pending={}, _pool=None)
+        return state
 
     def _crop(self, array: np.ndarray) -> np.ndarray:
         o, n = self._offset, self.out_size
         return array[o:o + n, o:o + n]
 
+    def _decode_image(self, path: Path) -> torch.Tensor:
+        array = load_rgb8(path, self.size)
+        return torch.from_numpy(self._crop(array).copy()).permute(2, 0, 1).contiguous()
+
+    def _decode_mask(self, path: Path, warn: bool) -> tuple[torch.Tensor, str | None]:
+        array, message = self._mask_and_warning(path, warn)
+        return torch.from_numpy(array.copy()), message
+
+    def prefetch(self, samples: Iterable[Sample]) -> None:
+        """Start decoding the images (and masks) of ``samples`` not yet decoded nor under way, in the
+        worker threads; a no-op with 0 or 1 workers. ``image``/``mask`` take the results."""
+        if self.decode_workers <= 1:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="clbench-decode")
+        for sample in samples:
+            key = sample.key
+            if key not in self._images and ("image", key) not in self._pending:
+                self._pending[("image", key)] = self._pool.submit(self._decode_image, sample.image)
+            if sample.mask is not None and key not in self._masks and ("mask", key) not in self._pending:
+                self._pending[("mask", key)] = self._pool.submit(self._decode_mask, sample.mask, sample.label == 1)
+
     def image(self, sample: Sample) -> torch.Tensor:
         cached = self._images.get(sample.key)
         if cached is None:
-            array = load_rgb8(sample.image, self.size)
-            cached = torch.from_numpy(self._crop(array).copy()).permute(2, 0, 1).contiguous()
+            pending = self._pending.pop(("image", sample.key), None)
+            cached = pending.result() if pending is not None else self._decode_image(sample.image)
             self._images[sample.key] = cached
         return cached
 
@@ -386,19 +437,31 @@ class ImageStore:
             return torch.zeros(self.out_size, self.out_size, dtype=torch.bool)
         cached = self._masks.get(sample.key)
         if cached is None:
-            cached = torch.from_numpy(self.mask_array(sample.mask, warn=sample.label == 1).copy())
+            pending = self._pending.pop(("mask", sample.key), None)
+            warn = sample.label == 1
+            cached, message = pending.result() if pending is not None else self._decode_mask(sample.mask, warn)
+            if message is not None:
+                log.warning("warning: %s", message)
             self._masks[sample.key] = cached
         return cached
 
     def mask_array(self, path: Path, warn: bool = False) -> np.ndarray:
         """A mask at the run's resolution (bool, cropped); with ``warn``, an empty one is one warning line."""
+        array, message = self._mask_and_warning(path, warn)
+        if message is not None:
+            log.warning("warning: %s", message)
+        return array
+
+    def _mask_and_warning(self, path: Path, warn: bool) -> tuple[np.ndarray, str | None]:
+        """The mask and, with ``warn`` and no defect pixel left, the warning's text (logged by the
+        caller's thread, so warnings keep the serial order)."""
         with open_image(path) as img:
             full = mask_pixels(img)
         binary = Image.fromarray(full.astype(np.uint8) * 255)
         array = self._crop(np.asarray(binary.resize((self.size, self.size), Image.Resampling.NEAREST)) > 0)
         if warn and not array.any():
-            log.warning("warning: %s", empty_mask_message(path, int(full.sum()), self.size, self.crop))
-        return array
+            return array, empty_mask_message(path, int(full.sum()), self.size, self.crop)
+        return array, None
 
 
 def empty_mask_message(path: Path, defect_pixels: int, size: int | None = None, crop: int | None = None) -> str:
@@ -438,7 +501,9 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def collate(samples: Sequence[Sample], store: ImageStore, task_index: int | None = None) -> Batch:
-    """A batch of ``samples``; ``task_index`` (oracle evaluation: one task's test images) is given to every image."""
+    """A batch of ``samples``; ``task_index`` (oracle evaluation: one task's test images) is given to every image.
+    The store's workers decode the batch's missing images in parallel (``ImageStore.prefetch``)."""
+    store.prefetch(samples)
     return Batch(
         pixels=torch.stack([store.image(s) for s in samples]),
         keys=[s.key for s in samples],
@@ -468,5 +533,22 @@ class SampleSet:
         order = list(range(len(self.samples)))
         if shuffle:
             order = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).tolist()
-        for start in range(0, len(order), batch_size):
-            yield collate([self.samples[i] for i in order[start : start + batch_size]], self.store)
+        chunks = ([self.samples[i] for i in order[start : start + batch_size]]
+                  for start in range(0, len(order), batch_size))
+        yield from prefetched_batches(chunks, self.store)
+
+
+def prefetched_batches(
+    chunks: Iterable[Sequence[Sample]], store: ImageStore, task_index: int | None = None
+) -> Iterator[Batch]:
+    """``collate`` of each chunk, in order; the next chunk's decode is queued (behind this one's) before
+    a batch is handed out, so the store's workers decode it while the caller uses the batch."""
+    chunks = iter(chunks)
+    current = next(chunks, None)
+    while current is not None:
+        following = next(chunks, None)
+        store.prefetch(current)
+        if following is not None:
+            store.prefetch(following)
+        yield collate(current, store, task_index)
+        current = following

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clbench.data import Batch, Category, ImageStore
-from clbench.data.dataset import collate
+from clbench.data.dataset import prefetched_batches
 from clbench.metrics.anomaly import image_metrics, pixel_metrics
 from methods.base import AnomalyMethod
 
@@ -46,8 +46,8 @@ def task_indices(steps: Sequence[Sequence[str]]) -> dict[str, int]:
 
 def _test_batches(category: Category, store: ImageStore, batch_size: int, task_index: int | None):
     samples = category.test
-    for start in range(0, len(samples), batch_size):
-        yield collate(samples[start:start + batch_size], store, task_index)
+    yield from prefetched_batches((samples[start:start + batch_size] for start in range(0, len(samples), batch_size)),
+                                  store, task_index)
 
 
 @torch.no_grad()

@@ -294,11 +294,40 @@ class FeatureCache:
         self._on_disk.add(key)
 
 
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def resolve_cache_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a ``feature_cache_dtype`` value (one clear error for another)."""
+    if isinstance(name, torch.dtype) and name in CACHE_DTYPES.values():
+        return name
+    if name in CACHE_DTYPES:
+        return CACHE_DTYPES[name]
+    raise ValueError(f"feature_cache_dtype: '{name}' is not one of {', '.join(CACHE_DTYPES)}")
+
+
+def uses_pinned_memory(device: torch.device) -> bool:
+    """Host-to-device copies go through pinned memory, non-blocking, on CUDA only (a no-op elsewhere)."""
+    return device.type == "cuda"
+
+
+ChannelSelection = Sequence[Sequence[int] | None]
+
+
+def selection_key(channels: ChannelSelection | None) -> tuple | None:
+    """A hashable form of a per-layer channel selection (``None``: every channel of every layer)."""
+    return None if channels is None else tuple(None if c is None else tuple(int(i) for i in c) for c in channels)
+
+
 class FrozenBackbone:
     """A frozen feature extractor shared by a run; each distinct image goes through it once.
 
     Not an ``nn.Module`` on purpose: methods hold it without it entering their ``state_dict``
     (it is rebuilt from name, layers, weights and seed on resume).
+
+    What is cached is what the method needs: ``channels`` keeps only the given channel indices
+    per layer (PaDiM's random subset: 350 of WRN50-2's 1792), sliced before caching, and
+    ``cache_dtype`` float16 halves the stored bytes; features are always returned as float32.
     """
 
     def __init__(
@@ -310,19 +339,41 @@ class FrozenBackbone:
         seed: int = 0,
         cache_bytes: int = 4 << 30,
         spill_dir: Path | None = None,
+        *,
+        channels: ChannelSelection | None = None,
+        cache_dtype: str | torch.dtype = "float32",
+        model: nn.Module | None = None,
     ) -> None:
         self.model_name = model_name
         self.layers = tuple(layers)
         self.weights = weights
         self.device = device
-        self.model = create_feature_model(model_name, layers, weights, seed).to(device)
+        # ``model``: the same frozen network shared with another selection of its channels (BackbonePool)
+        self.model = model if model is not None else create_feature_model(model_name, layers, weights, seed).to(device)
+        self.cache_dtype = resolve_cache_dtype(cache_dtype)
+        self.selection = self._check_selection(channels)
+        self._keep = [None if c is None else torch.tensor(c, dtype=torch.long, device=device) for c in self.selection]
         self.cache = FeatureCache(cache_bytes, spill_dir)
         self.images_forwarded = 0
         self.forward_seconds = 0.0
 
+    def _check_selection(self, channels: ChannelSelection | None) -> tuple:
+        full = list(self.model.feature_info.channels())
+        if channels is None:
+            return (None,) * len(full)
+        key = selection_key(channels)
+        if len(key) != len(full):
+            raise ValueError(f"channels: {len(key)} selections for the {len(full)} layers {list(self.layers)} of '{self.model_name}'")
+        for layer, kept, total in zip(self.layers, key, full):
+            if kept is not None and any(not 0 <= i < total for i in kept):
+                raise ValueError(f"channels: an index of layer '{layer}' is outside 0..{total - 1} ('{self.model_name}')")
+        return key
+
     @property
     def channels(self) -> list[int]:
-        return list(self.model.feature_info.channels())
+        """Channels per layer of the features returned (after any channel selection)."""
+        full = self.model.feature_info.channels()
+        return [total if kept is None else len(kept) for total, kept in zip(full, self.selection)]
 
     @property
     def reductions(self) -> list[int]:
@@ -331,11 +382,23 @@ class FrozenBackbone:
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor onto the device: through pinned memory, non-blocking, on CUDA only."""
+        if tensor.device.type == "cpu" and uses_pinned_memory(self.device):
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Features of a normalised float batch, uncached (for augmented or synthetic inputs)."""
+        """Features of a normalised float batch, uncached (for augmented or synthetic inputs),
+        float32, only the selected channels."""
         start = time.perf_counter()
-        outputs = [out.float() for out in self.model(images.to(self.device))]
+        # fp32 whatever the caller's autocast (--amp): a run caches one precision of features for
+        # training and test images alike (feature_cache_dtype is the only knob for that)
+        with torch.autocast(self.device.type, enabled=False):
+            raw = self.model(self._to_device(images))
+        outputs = [out if keep is None else out.index_select(1, keep) for out, keep in zip(raw, self._keep)]
+        outputs = [out.float() for out in outputs]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.forward_seconds += time.perf_counter() - start
@@ -344,17 +407,29 @@ class FrozenBackbone:
 
     @torch.no_grad()
     def features(self, batch) -> list[torch.Tensor]:
-        """Features of a ``Batch`` on the backbone's device, computed only for images not seen before."""
+        """Features of a ``Batch`` on the backbone's device (float32), computed only for images not seen before."""
         missing = [i for i, key in enumerate(batch.keys) if key not in self.cache]
         if missing:
             pixels = batch.pixels[missing]
             from clbench.data import normalize
 
-            outputs = self.forward(normalize(pixels.to(self.device)))
+            outputs = self.forward(normalize(self._to_device(pixels)))
             for row, i in enumerate(missing):
-                self.cache.put(batch.keys[i], [out[row].to("cpu", copy=True) for out in outputs])
+                self.cache.put(batch.keys[i], [out[row].to("cpu", self.cache_dtype, copy=True) for out in outputs])
         per_image = [self.cache.get(key) for key in batch.keys]
-        return [torch.stack([f[level] for f in per_image]).to(self.device) for level in range(len(self.layers))]
+        return [self._to_device(torch.stack([f[level] for f in per_image])).float() for level in range(len(self.layers))]
+
+    def cache_bytes_per_image(self, image_size: int) -> int:
+        """Bytes one image's cached features take at ``image_size`` (square input)."""
+        return cached_bytes_per_image(self.channels, self.reductions, image_size, self.cache_dtype)
+
+
+def cached_bytes_per_image(channels: Sequence[int], reductions: Sequence[int], image_size: int,
+                           dtype: str | torch.dtype = "float32") -> int:
+    """Bytes of one image's cached feature maps: channels x ceil(size / reduction)^2 per layer
+    (``feature_info`` gives channels and reductions from the architecture alone)."""
+    element = torch.empty((), dtype=resolve_cache_dtype(dtype)).element_size()
+    return sum(c * (-(-image_size // r)) ** 2 * element for c, r in zip(channels, reductions))
 
 
 def random_init_message(model_name: str, info: WeightsInfo) -> str:
@@ -373,17 +448,20 @@ class BackbonePool:
     the safety net for any other backbone a method asks for."""
 
     def __init__(self, weights: str, device: torch.device, seed: int, cache_bytes: int, spill_dir: Path | None,
-                 require_pretrained: bool = False) -> None:
+                 require_pretrained: bool = False, cache_dtype: str | torch.dtype = "float32") -> None:
         self.weights = weights
         self.device = device
         self.seed = seed
         self.cache_bytes = cache_bytes
         self.spill_dir = spill_dir
         self.require_pretrained = require_pretrained
+        self.cache_dtype = resolve_cache_dtype(cache_dtype)
         self._backbones: dict[tuple, FrozenBackbone] = {}
 
-    def get(self, model_name: str, layers: Sequence[str | int]) -> FrozenBackbone:
-        key = (model_name, tuple(layers))
+    def get(self, model_name: str, layers: Sequence[str | int], channels: ChannelSelection | None = None) -> FrozenBackbone:
+        """The backbone for ``layers``; ``channels`` (per layer: indices to keep, or None for all) gives a
+        backbone whose cache holds only those channels. Selections of one network share its weights."""
+        key = (model_name, tuple(layers), selection_key(channels))
         if key not in self._backbones:
             info = resolve_weights(model_name, self.weights)
             if self.require_pretrained and not info.pretrained:
@@ -391,8 +469,10 @@ class BackbonePool:
 
                 raise ConfigError(random_init_message(model_name, info))
             spill = None if self.spill_dir is None else self.spill_dir / f"{model_name}-{len(self._backbones)}"
+            shared = next((b.model for k, b in self._backbones.items() if k[:2] == key[:2]), None)
             self._backbones[key] = FrozenBackbone(
-                model_name, layers, info, self.device, self.seed, self.cache_bytes, spill
+                model_name, layers, info, self.device, self.seed, self.cache_bytes, spill,
+                channels=channels, cache_dtype=self.cache_dtype, model=shared,
             )
         return self._backbones[key]
 
