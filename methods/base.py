@@ -79,6 +79,7 @@ class MethodContext:
     # True for runs that must reproduce a paper (e.g. the clad profile): a method refuses to stand in
     # a random-init or locally improvised component (e.g. EfficientAD's teacher) for a pretrained one.
     require_pretrained: bool = False
+    amp: bool = False  # mixed precision in the shared trainer (RunConfig.amp; methods/training.py)
 
 
 # ``optimizer_state`` of trainable methods: what happens to the optimiser between tasks.

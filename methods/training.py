@@ -13,6 +13,15 @@ A method supplies only what is its own: the loss, the optimiser, what makes a tr
 ``prepare`` function: DRAEM's anomaly simulation), its validation loss if it is not the training
 loss (EfficientAD), which modules train and whose state early stopping restores.
 
+Mixed precision (``amp``, the run's ``--amp``; ``Precision``): the forward pass and the loss run
+under ``torch.autocast``, fp16 with a ``GradScaler`` on CUDA (fp16 gradients underflow without
+scaling), bf16 on CPU (bf16 has fp32's range: no scaler). The scaler is made afresh for every fit,
+like a ``reset`` optimiser: a run is checkpointed between steps only, so a resumed run starts each
+step with the same fresh scaler as an uninterrupted one, and no scaler state needs saving. With
+``amp`` off nothing changes (no autocast context, no scaler). On CUDA, a training ``Batch``'s uint8
+pixels are copied to the device from pinned memory without blocking, so the copy overlaps the
+host's work on the next batch.
+
 Callbacks (``Callback``; Avalanche's plugins and Lightning's callbacks are the model) reach the
 loop through ``TaskData.callbacks``, which a strategy fills (``Strategy.callbacks``): a
 regularisation strategy adds a penalty to any gradient method's loss in ``before_backward``
@@ -20,7 +29,9 @@ regularisation strategy adds a penalty to any gradient method's loss in ``before
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,6 +46,53 @@ from methods.base import AnomalyMethod, TaskData
 
 LossValue = torch.Tensor | Mapping[str, torch.Tensor]
 LossFn = Callable[[Any], LossValue]
+
+
+# -- precision and device transfer -------------------------------------------------------------
+@dataclass(frozen=True)
+class Precision:
+    """How the trainer runs forward + loss: fp32 (``amp`` off), or autocast to ``dtype`` on ``device_type``."""
+
+    amp: bool = False
+    device_type: str = "cpu"
+    dtype: torch.dtype | None = None  # None: fp32 (no autocast)
+
+    @classmethod
+    def of(cls, device: torch.device | str, amp: bool) -> Precision:
+        """fp16 on CUDA (tensor cores; with a GradScaler), bf16 elsewhere (CPU autocast's type)."""
+        device_type = torch.device(device).type
+        if not amp:
+            return cls(False, device_type, None)
+        return cls(True, device_type, torch.float16 if device_type == "cuda" else torch.bfloat16)
+
+    @property
+    def name(self) -> str:
+        """``fp32``, ``fp16`` or ``bf16``: what ``TrainResult.precision`` records."""
+        return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward + loss context: a no-op when ``amp`` is off (fp32 code paths stay untouched)."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    @property
+    def scaled(self) -> bool:
+        """fp16 needs loss scaling (its gradients underflow unscaled); fp32 and bf16 do not."""
+        return self.dtype == torch.float16
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A fresh scaler when ``scaled``, else None."""
+        return torch.amp.GradScaler(self.device_type) if self.scaled else None
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A ``Batch`` whose uint8 pixels are on ``device``: on CUDA copied from pinned memory without
+    blocking (the copy overlaps host work; later kernels on the stream wait for it); anything
+    else, or a CPU device, unchanged (a method's own ``prepare`` moves what it makes itself)."""
+    if device.type != "cuda" or not isinstance(batch, Batch) or batch.pixels.is_cuda:
+        return batch
+    return dataclasses.replace(batch, pixels=batch.pixels.pin_memory().to(device, non_blocking=True))
 
 
 # -- hooks -------------------------------------------------------------------------------------
@@ -104,6 +162,8 @@ class TrainResult:
     seconds: float = math.nan
     early_stopping: bool = False
     epoch_log: list[dict[str, float]] = field(default_factory=list)
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (``Precision.name``)
+    skipped_steps: int = 0  # optimiser steps the fp16 GradScaler skipped (inf/NaN gradients)
 
 
 def _sum_parts(value: LossValue) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -136,6 +196,7 @@ def train_loop(
     method: AnomalyMethod | None = None,
     data: TaskData | None = None,
     label: str = "training",
+    precision: Precision = Precision(),
 ) -> TrainResult:
     """Train ``epochs`` epochs (fewer with early stopping) and return what happened.
 
@@ -144,7 +205,8 @@ def train_loop(
     early stopping snapshots and restores. Early stopping runs when ``validate`` (the held-out loss)
     and ``patience`` are given: ``patience`` epochs without improvement stop training, and the state
     at the best epoch is restored. ``average``: epoch losses are means per image (weighted by batch
-    size) or per iteration. ``label``: names the trainer in errors.
+    size) or per iteration. ``label``: names the trainer in errors. ``precision``: fp32 (default)
+    or autocast (``Precision.of(device, amp)``), with a GradScaler for fp16.
     """
     if scheduler_interval not in ("epoch", "iteration"):
         raise ValueError(f"scheduler_interval: '{scheduler_interval}' is not one of epoch, iteration")
@@ -153,7 +215,8 @@ def train_loop(
     where = f" of {', '.join(data.task_names)}" if data is not None else ""
     early_stopping = validate is not None and patience is not None
     ctx = TrainContext(optimiser=optimiser, method=method, data=data)
-    result = TrainResult(epochs_max=epochs, early_stopping=early_stopping)
+    result = TrainResult(epochs_max=epochs, early_stopping=early_stopping, precision=precision.name)
+    scaler = precision.grad_scaler()
     best_state: list[dict[str, Any]] | None = None
     stale = 0
     for callback in callbacks:
@@ -167,7 +230,8 @@ def train_loop(
         total, count = 0.0, 0
         part_totals: dict[str, float] = {}
         for batch in batches(epoch):
-            loss, parts = _sum_parts(loss_fn(batch))
+            with precision.autocast():
+                loss, parts = _sum_parts(loss_fn(batch))
             ctx.batch, ctx.loss, ctx.parts, ctx.added = batch, loss, parts, {}
             for callback in callbacks:
                 callback.before_backward(ctx)
@@ -182,8 +246,15 @@ def train_loop(
                     "(try a lower learning rate)"
                 )
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            if scaler is None:
+                loss.backward()
+                optimiser.step()
+            else:
+                scale = scaler.get_scale()
+                scaler.scale(loss).backward()
+                scaler.step(optimiser)  # skipped when the unscaled gradients hold inf/NaN
+                scaler.update()
+                result.skipped_steps += int(scaler.get_scale() < scale)
             if scheduler is not None and scheduler_interval == "iteration":
                 scheduler.step()
             result.iterations += 1
@@ -249,30 +320,41 @@ def train_task(
 ) -> TrainResult:
     """``train_loop`` over a step's training stream: shuffled batches of ``batch_size`` (a new seeded
     order every epoch), each made into a training batch by ``prepare(batch, epoch, index)`` if
-    given; ``modules`` default to the method; the strategy's callbacks (``data.callbacks``) run, and
-    ``method.epoch_log`` gets the epoch records. ``options``: the rest of ``train_loop``'s."""
+    given (else moved to the method's device: ``to_device``); ``modules`` default to the method; the
+    strategy's callbacks (``data.callbacks``) run, and ``method.epoch_log`` gets the epoch records;
+    the run's ``amp`` (``method.context.amp``) sets the precision. ``options``: the rest of ``train_loop``'s."""
+    device = torch.device(method.context.device)
 
     def epoch_batches(epoch: int) -> Iterable[Any]:
         stream = data.train.batches(batch_size, shuffle=True, seed=seeding.epoch_seed(data.seed, epoch))
         if prepare is None:
-            return stream
+            return (to_device(batch, device) for batch in stream)
         return (prepare(batch, epoch, index) for index, batch in enumerate(stream))
 
     result = train_loop(
         loss_fn, optimiser, epochs=epochs, batches=epoch_batches, modules=modules or [method],
-        callbacks=data.callbacks, method=method, data=data, label=method.name, **options,
+        callbacks=data.callbacks, method=method, data=data, label=method.name,
+        precision=method_precision(method), **options,
     )
     method.epoch_log = result.epoch_log
     return result
 
 
+def method_precision(method: AnomalyMethod) -> Precision:
+    """The precision a method trains at: its run's ``amp`` on its device."""
+    return Precision.of(method.context.device, method.context.amp)
+
+
 @torch.no_grad()
 def held_out_loss(method: AnomalyMethod, data: TaskData, loss_fn: LossFn, batch_size: int) -> float:
-    """Mean loss per image over the held-out good training images, in eval mode."""
+    """Mean loss per image over the held-out good training images, in eval mode, at the training
+    precision (early stopping compares it epoch to epoch)."""
     method.eval()
+    precision = method_precision(method)
     total, count = 0.0, 0
     for batch in data.val.batches(batch_size):
-        total += float(_sum_parts(loss_fn(batch))[0]) * len(batch)
+        with precision.autocast():
+            total += float(_sum_parts(loss_fn(batch))[0]) * len(batch)
         count += len(batch)
     return total / count
 

@@ -45,16 +45,56 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def resolved_device(device: torch.device) -> str:
+    """The device a run computes on, with its index (``auto`` and ``cuda`` resolve to ``cuda:N``)."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def cuda_info(device: torch.device) -> dict[str, Any]:
+    """What a CUDA result depends on: the GPU, its memory and compute capability, the CUDA and cuDNN
+    versions torch was built with, and whether TF32 matmuls are allowed (they change fp32 results)."""
+    props = torch.cuda.get_device_properties(device)
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "memory_bytes": int(props.total_memory),
+        "device_count": torch.cuda.device_count(),
+        "cuda_version": torch.version.cuda,
+        "cudnn_version": cudnn,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+    }
+
+
+def precision_info(config: RunConfig, device: torch.device) -> dict[str, Any]:
+    """``amp``'s effect (absent when off, so fp32 runs' env.json is unchanged): the autocast type the
+    trainer uses on this device (methods/training.py ``Precision``); methods that do not train ignore it."""
+    if not config.amp:
+        return {}
+    from methods.training import Precision
+
+    precision = Precision.of(device, True)
+    return {"amp": {"dtype": precision.name, "grad_scaler": precision.scaled,
+                    "applies_to": "gradient-trained methods (methods/training.py); no effect on methods that do not train"}}
+
+
 def environment_info(config: RunConfig, device: torch.device, pool: BackbonePool, categories: list[Category]) -> dict[str, Any]:
     backbones = [
-        {"model": b.model_name, "layers": list(b.layers), **b.weights.as_dict()} for b in pool.backbones
+        {"model": b.model_name, "layers": list(b.layers), "channels": b.channels,
+         "cache_dtype": str(b.cache_dtype).removeprefix("torch."), **b.weights.as_dict()} for b in pool.backbones
     ]
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": package_versions(),
-        "device": str(device),
+        "device": resolved_device(device),
+        "device_requested": config.device,
         "device_name": device_name(device),
+        **({"cuda": cuda_info(device)} if device.type == "cuda" else {}),
+        **precision_info(config, device),
         "torch_threads": torch.get_num_threads(),
         "git": git_state(),
         "seed": config.seed,

@@ -3,8 +3,10 @@
 Both return **Euclidean distances (not squared)** as float32 and indices as int64, sorted by
 increasing distance, on the device of the queries.
 
-Backend choice: a GPU index (``GpuIndexFlatL2``) when faiss sees a GPU *and* the bank lives on
-CUDA, the CPU ``IndexFlatL2`` otherwise. faiss computes squared L2 by the BLAS expansion
+Backend choice (``choose_backend``): a GPU index (``GpuIndexFlatL2``) when the bank lives on CUDA
+*and* faiss has GPU support and sees a GPU, the CPU ``IndexFlatL2`` otherwise, or when building the
+GPU index fails; ``FlatL2Index.backend`` records which ("faiss-gpu" | "faiss-cpu") and
+``backend_reason`` why (a CPU index on a CUDA run is a fallback worth seeing). faiss computes squared L2 by the BLAS expansion
 ||q||^2 - 2 q.b + ||b||^2 in float32; we clamp at 0 and take the square root. The index holds its
 own copy of the bank (faiss owns its storage): it is a derived cache, rebuilt from the bank
 tensor, and its bytes are reported by ``FlatL2Index.nbytes``.
@@ -21,6 +23,8 @@ import torch
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 import faiss  # noqa: E402
 
+log = logging.getLogger(__name__)
+
 
 def _as_float32(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2:
@@ -36,26 +40,72 @@ def _gpu_resources() -> "faiss.StandardGpuResources":
     return faiss.StandardGpuResources()
 
 
+GPU_BACKEND, CPU_BACKEND = "faiss-gpu", "faiss-cpu"
+
+
+def choose_backend(device: torch.device) -> tuple[str, str]:
+    """(backend, reason) for a bank on ``device``: the GPU index only for a bank already on CUDA,
+    with a faiss that has GPU support and sees a GPU; otherwise the CPU index, and the reason
+    names the missing condition."""
+    if device.type != "cuda":
+        return CPU_BACKEND, f"bank on {device.type}"
+    if not all(hasattr(faiss, name) for name in ("StandardGpuResources", "GpuIndexFlatL2", "get_num_gpus")):
+        return CPU_BACKEND, "faiss has no GPU support (a faiss-cpu build)"
+    gpus = faiss.get_num_gpus()
+    if gpus <= 0:
+        return CPU_BACKEND, "faiss sees no GPU (faiss.get_num_gpus() == 0)"
+    return GPU_BACKEND, f"bank on {device}, faiss sees {gpus} GPU(s)"
+
+
 def use_gpu(bank: torch.Tensor) -> bool:
     """A GPU index only when faiss has GPUs and the bank already lives on CUDA."""
-    return bank.is_cuda and faiss.get_num_gpus() > 0
+    return choose_backend(bank.device)[0] == GPU_BACKEND
+
+
+def _gpu_index(bank: torch.Tensor, device_index: int) -> "faiss.GpuIndexFlatL2":
+    config = faiss.GpuIndexFlatConfig()
+    config.device = device_index
+    index = faiss.GpuIndexFlatL2(_gpu_resources(), bank.shape[1], config)
+    index.add(bank)  # torch_utils: the CUDA tensor in place, no host copy
+    return index
+
+
+@lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    """One warning per reason and process: a CUDA run searching on the CPU is slow, and should say why."""
+    log.warning("warning: knn: the bank is on CUDA but the faiss index is on the CPU: %s", reason)
 
 
 class FlatL2Index:
-    """An exact L2 index over a fixed bank (n, d); ``search`` returns (distances, indices)."""
+    """An exact L2 index over a fixed bank (n, d); ``search`` returns (distances, indices).
+
+    ``backend``: "faiss-gpu" or "faiss-cpu"; ``backend_reason``: why (``choose_backend``, or the
+    error that made building the GPU index fall back to the CPU one)."""
 
     def __init__(self, bank: torch.Tensor) -> None:
         bank = _as_float32(bank)
         self.ntotal, self.d = bank.shape
-        self.gpu = use_gpu(bank)
-        if self.gpu:
-            config = faiss.GpuIndexFlatConfig()
-            config.device = bank.device.index or 0
-            self.index = faiss.GpuIndexFlatL2(_gpu_resources(), self.d, config)
-            self.index.add(bank)  # torch_utils: CUDA tensor in place, no host copy
-        else:
+        self.backend, self.backend_reason = choose_backend(bank.device)
+        self.gpu_device: int | None = None
+        if self.backend == GPU_BACKEND:
+            index = bank.device.index
+            self.gpu_device = index if index is not None else torch.cuda.current_device()
+            try:
+                self.index = _gpu_index(bank, self.gpu_device)
+            except (RuntimeError, MemoryError) as err:  # faiss raises RuntimeError (e.g. out of GPU memory)
+                first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                self.backend, self.backend_reason = CPU_BACKEND, f"GPU index failed: {first_line}"
+                self.gpu_device = None
+        if self.backend == CPU_BACKEND and bank.is_cuda:
+            _warn_fallback(self.backend_reason)
+        if self.backend == CPU_BACKEND:
             self.index = faiss.IndexFlatL2(self.d)
             self.index.add(bank.cpu().numpy())
+
+    @property
+    def gpu(self) -> bool:
+        """The index lives on a GPU (``backend == "faiss-gpu"``)."""
+        return self.backend == GPU_BACKEND
 
     @property
     def nbytes(self) -> int:
@@ -70,7 +120,7 @@ class FlatL2Index:
         if not 1 <= k <= self.ntotal:
             raise ValueError(f"knn: k={k} must be in 1..{self.ntotal} (bank size)")
         if self.gpu:
-            squared, indices = self.index.search(queries.to(f"cuda:{self.index.getDevice()}"), k)
+            squared, indices = self.index.search(queries.to(f"cuda:{self.gpu_device}"), k)
         else:
             sq, ind = self.index.search(queries.cpu().numpy(), k)
             squared, indices = torch.from_numpy(sq), torch.from_numpy(ind.astype(np.int64, copy=False))
@@ -105,4 +155,4 @@ def knn_torch(
     return torch.cat(distances), torch.cat(indices)
 
 
-__all__ = ["FlatL2Index", "knn_faiss", "knn_torch", "use_gpu"]
+__all__ = ["CPU_BACKEND", "GPU_BACKEND", "FlatL2Index", "choose_backend", "knn_faiss", "knn_torch", "use_gpu"]

@@ -83,6 +83,19 @@ def draem_filter_size(image_size: int) -> int:
     return max(1, 2 * int(math.floor((scaled - 1) / 2 + 0.5)) + 1)
 
 
+def fused_adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused where the device supports it. Speed: the same update in one kernel per step instead
+    of ~8 per tensor over DRAEM's 200 parameter tensors (97 M values): 0.14 s instead of 0.70 s of CPU
+    per iteration, ~7 % of a 256 px batch-4 iteration (1 thread; anomalib uses the plain Adam). Its
+    vectorised arithmetic rounds differently: weights after a fixed-seed training differ by <= 2e-7
+    relative (about one float32 ulp), not bit-identically."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 @dataclass
 class SimulatedBatch:
     """A training batch after DRAEM's augmentation, on the device: the (rotated) normal images in
@@ -191,7 +204,7 @@ class DRAEM(AnomalyMethod):
 
     def fit_task(self, data: TaskData) -> None:
         p = self.params
-        optimiser = self.task_optimiser(lambda: torch.optim.Adam(self.parameters(), lr=p["lr"]))
+        optimiser = self.task_optimiser(lambda: fused_adam(self.parameters(), lr=p["lr"]))
         epochs = self.num_epochs(p["epochs"])
         milestones = sorted({int(f * epochs) for f in p["lr_milestones"]} - {0})
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=milestones, gamma=p["lr_gamma"])
