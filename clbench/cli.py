@@ -96,6 +96,13 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--epochs-scale", dest="epochs_scale", type=float, help="scale trainable methods' epochs (e.g. 0.1)")
     p.add_argument("--max-epochs", dest="max_epochs", type=int, help="cap trainable methods' epochs")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--decode-workers", dest="decode_workers", type=int,
+                   help="threads decoding images ahead of the method (default: min(4, CPUs); 0: none)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
+                   help="write the checkpoint every K steps (default 1; the last step always): a killed run "
+                        "redoes at most K-1 steps on --resume")
+    p.add_argument("--amp", action="store_true", default=None,
+                   help="mixed precision for trainable methods (fp16 + grad scaling on CUDA, bf16 on CPU)")
     p.add_argument("--evaluation", help="agnostic (default: the method gets only the image) | oracle (also the "
                                         "test image's task index, for methods that route, e.g. PatchCore)")
     p.add_argument("--data-root", dest="data_root", help="dataset in MVTec AD layout (default: built-in synthetic)")
@@ -123,7 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in ("method", "strategy", "task_order", "backbone", "weights", "image_size", "crop_size", "val_fraction",
                     "seed", "device", "data_root", "output_dir", "name", "epochs_scale", "max_epochs",
-                    "require_pretrained", "synthetic", "evaluation", "plots")
+                    "require_pretrained", "synthetic", "evaluation", "plots", "amp", "decode_workers",
+                    "checkpoint_every")
     }
     overrides["tasks"] = _parse_tasks(args.tasks)
     config = config_mod.load(args.config, overrides)

@@ -3,6 +3,9 @@ a tiny hand-made MVTec-layout category, in-memory images and training streams, a
 runs. Import them with ``from helpers import ...`` (pytest puts this folder on ``sys.path``)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,3 +126,30 @@ class KeyStream:
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
         for start in range(0, len(self.keys), batch_size):
             yield key_batch(self.keys[start:start + batch_size])
+
+
+def clbench_process(args: list[str], *, kill_after_training_step: int | None = None) -> subprocess.Popen:
+    """``clbench ARGS`` in a child process; with ``kill_after_training_step`` it SIGKILLs itself
+    (no clean-up, no atexit) once that step is trained, before its results and checkpoint are written."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # two runs share 2 cores
+    if kill_after_training_step is None:
+        command = ["-m", "clbench", *args]
+    else:
+        command = ["-c", KILL_AFTER_TRAINING_STEP, str(kill_after_training_step), *args]
+    return subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+# The kill comes from the strategy's own hook at a known moment: no polling for a checkpoint, no race.
+KILL_AFTER_TRAINING_STEP = """
+import os, signal, sys
+from strategies.base import STRATEGIES
+from clbench.cli import main
+strategy = STRATEGIES.get("sequential")
+after_step = strategy.after_step
+def after_step_then_die(self, experience, *args, **kwargs):
+    after_step(self, experience, *args, **kwargs)
+    if experience.step == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+strategy.after_step = after_step_then_die
+sys.exit(main(sys.argv[2:]))
+"""

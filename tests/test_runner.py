@@ -3,10 +3,7 @@ joint runs, and a killed run that resumes to identical metrics."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ from clbench.engine.config import ConfigError, RunConfig
 from clbench.data import list_categories, load_category
 from clbench.engine.rundir import CHECKPOINT
 from clbench.engine.runner import run_experiment
+from helpers import clbench_process
 
 
 def make_config(root: Path, out: Path, **overrides) -> RunConfig:
@@ -108,46 +106,21 @@ def test_a_run_saved_with_synthetic_true_resumes_under_auto(tiny_root: Path, tmp
     assert run_experiment(resumed, resume=True, progress=False) == run_dir
 
 
-def _cli(args: list[str], *, kill_after_training_step: int | None = None) -> subprocess.Popen:
-    """``clbench ARGS`` in a child process; with ``kill_after_training_step`` it SIGKILLs itself
-    (no clean-up, no atexit) once that step is trained, before its results and checkpoint are written."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # two runs share 2 cores
-    if kill_after_training_step is None:
-        command = ["-m", "clbench", *args]
-    else:
-        command = ["-c", KILL_AFTER_TRAINING_STEP, str(kill_after_training_step), *args]
-    return subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-# The kill comes from the strategy's own hook at a known moment: no polling for a checkpoint, no race.
-KILL_AFTER_TRAINING_STEP = """
-import os, signal, sys
-from strategies.base import STRATEGIES
-from clbench.cli import main
-strategy = STRATEGIES.get("sequential")
-after_step = strategy.after_step
-def after_step_then_die(self, experience, *args, **kwargs):
-    after_step(self, experience, *args, **kwargs)
-    if experience.step == int(sys.argv[1]):
-        os.kill(os.getpid(), signal.SIGKILL)
-strategy.after_step = after_step_then_die
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_metrics(synthetic_root: Path, tmp_path: Path) -> None:
     args = ["run", "--data-root", str(synthetic_root), "--tasks", "4", "--image-size", "64", "--weights", "none",
             "--device", "cpu", "--param", "n_features=40", "--no-progress"]
-    reference = _cli(args + ["--output", str(tmp_path / "ref")])
-    killed = _cli(args + ["--output", str(tmp_path / "killed")], kill_after_training_step=2)
+    reference = clbench_process(args + ["--output", str(tmp_path / "ref")])
+    killed = clbench_process(args + ["--output", str(tmp_path / "killed")], kill_after_training_step=2)
     assert killed.wait(timeout=300) == -signal.SIGKILL, killed.stderr.read().decode()
     run_dir = tmp_path / "killed" / "padim-sequential-resnet18-seed0"
     assert not (run_dir / "summary.json").exists()  # it really died mid-run
     assert torch.load(run_dir / CHECKPOINT, weights_only=True)["step"] == 1  # step 2 trained, never saved
     assert set(pd.read_csv(run_dir / "metrics.csv").step) == {0, 1}
 
-    resumed = _cli(args + ["--output", str(tmp_path / "killed"), "--resume"])
+    resumed = clbench_process(args + ["--output", str(tmp_path / "killed"), "--resume"])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
     ref_dir = tmp_path / "ref" / "padim-sequential-resnet18-seed0"

@@ -74,6 +74,9 @@ class RunConfig:
     require_pretrained: bool = setting(False, bool)  # refuse to start if a backbone's weights resolve to random init
     seed: int = setting(0, Interval(int, 0, None))
     device: str = setting("auto", DEVICE)  # auto | cpu | cuda | cuda:N
+    # mixed precision for gradient-trained methods (methods/training.py): fp16 autocast + GradScaler on CUDA,
+    # bf16 autocast on CPU; methods that do not train (PaDiM, PatchCore) are unaffected
+    amp: bool = setting(False, bool)
     eval_batch_size: int = setting(32, POSITIVE_INT)
     # agnostic: the method sees only the test image | oracle: also the index of the step that taught its
     # category, for a task already taught (clbench.engine.evaluation)
@@ -84,6 +87,16 @@ class RunConfig:
     max_epochs: int | None = setting(None, [None, POSITIVE_INT])  # caps trainable methods' epochs
     # RAM for cached frozen-backbone features; spills to disk beyond
     feature_cache_gb: float = setting(4.0, NON_NEGATIVE)
+    # dtype cached backbone features are stored in (returned as float32): float16 halves the cache; scores
+    # then move by < 1e-3 of their value, maps by < 1e-3 of their range (tests/test_feature_cache.py)
+    feature_cache_dtype: str = setting("float32", Options("float32", "float16"))
+    # threads decoding images (PIL) ahead of the method; null: min(4, CPUs); 0 or 1: in the main thread.
+    # Results do not depend on it (clbench.data.ImageStore)
+    decode_workers: int | None = setting(None, [None, Interval(int, 0, None)])
+    # steps between checkpoints (the last step always writes one). A checkpoint holds the whole method
+    # state (PaDiM WRN50-2 at 224 px: 1.54 GB, ~20 s with fsync here); a resume redoes the steps after
+    # the last checkpoint, with the same results (each step is seeded by its index)
+    checkpoint_every: int = setting(1, POSITIVE_INT)
     output_dir: str = setting("results", PATH)
     # run folder name; default <method>-<strategy>-<backbone>-seed<seed> (runner.default_run_name)
     name: str | None = setting(None, RUN_NAME)

@@ -47,7 +47,8 @@ SUMMARY_STATS = ("acc", "bwt", "fm", "relative_forgetting")
 # Keys that may differ between a run and its resume (where and how fast, not what is computed).
 # ``synthetic`` only says whether data may be generated (runs before auto|true|false saved true);
 # the dataset fingerprint checked at resume is what keeps a resume on the run's data.
-RESUME_FREE_KEYS = ("device", "feature_cache_gb", "output_dir", "eval_batch_size", "name", "synthetic", "plots")
+RESUME_FREE_KEYS = ("device", "feature_cache_gb", "output_dir", "eval_batch_size", "name", "synthetic", "plots",
+                    "decode_workers", "checkpoint_every")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -301,17 +302,19 @@ class Experiment:
             cache_bytes=int(self.config.feature_cache_gb * (1 << 30)),
             spill_dir=self.folder.feature_cache_dir,
             require_pretrained=self.config.require_pretrained,
+            cache_dtype=self.config.feature_cache_dtype,
         )
         context = MethodContext(
             pool, self.device, self.config.eval_size, self.config.seed, self.progress,
             epochs_scale=self.config.epochs_scale, max_epochs=self.config.max_epochs,
-            require_pretrained=self.config.require_pretrained,
+            require_pretrained=self.config.require_pretrained, amp=self.config.amp,
         )
         with self._weights_file_errors():
             method = self.method_cls(context, **self.method_params).to(self.device)
         strategy = self.strategy_cls(seed=self.config.seed, **self.strategy_params)
         strategy.progress = self.progress
-        return method, strategy, ImageStore(self.config.image_size, self.config.crop_size), pool
+        store = ImageStore(self.config.image_size, self.config.crop_size, self.config.decode_workers)
+        return method, strategy, store, pool
 
     @contextlib.contextmanager
     def _weights_file_errors(self) -> Iterator[None]:
@@ -423,7 +426,8 @@ class Experiment:
         ):
             results.add_timing(step, phase, seconds, images)
         results.save()
-        self._checkpoint(step, method, strategy, results)
+        if (step + 1) % self.config.checkpoint_every == 0 or step == self._n_steps - 1:
+            self._checkpoint(step, method, strategy, results)
         pixel = {task: round(v["pixel_auroc"], 3) for task, v in evaluation.items()}
         log.info("step %d (%s): train %.1fs, eval %.1fs, pixel AUROC %s", step, label, train_seconds, eval_seconds, pixel)
 

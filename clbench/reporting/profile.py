@@ -34,15 +34,14 @@ import yaml
 
 from clbench.engine.config import ConfigError, from_mapping
 from clbench.sweep import (
-    EXECUTORS,
     Cell,
     SweepSpec,
-    default_workers,
     expand,
     set_dotted,
     spec_from_mapping,
     validate_cell,
 )
+from clbench.sweep.cli import add_executor_arguments, executor_from_args
 
 PROFILE_KEYS = ("profile", "sweep")
 NOT_SETTABLE = ("method", "seed", "name", "output_dir", "paper_profile")  # set by the profile / other flags
@@ -473,9 +472,7 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
                    help="override a run-config key in every cell that takes it (recorded as a difference)")
     p.add_argument("--allow-random-init", action="store_true",
                    help="run backbones without pretrained weights random-init (recorded) instead of refusing")
-    p.add_argument("--executor", choices=EXECUTORS, default="local")
-    p.add_argument("--workers", type=int, help=f"cells at a time (default: cpu_count // 2 = {default_workers()})")
-    p.add_argument("--ray-address", dest="ray_address")
+    add_executor_arguments(p)
     p.add_argument("--output", dest="output_dir", help="sweeps folder (default: the profile's, results/sweeps)")
     p.add_argument("--name", help="sweep name (default: the profile's)")
     p.add_argument("--dry-run", action="store_true", help="check the inputs, list every cell's settings, run nothing")
@@ -506,14 +503,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from clbench.sweep import run_sweep
 
     p = plan_from_args(args)
+    executor = executor_from_args(args)
     sweep_dir = Path(p.cells[0].sweep_dir) if p.cells else None
     print(f"reproduce {p.profile.name}: {p.profile.title}")
     if args.dry_run:
-        run_sweep(p.spec, args.executor, workers=args.workers, ray_address=args.ray_address, dry_run=True, cells=p.cells)
+        run_sweep(p.spec, executor, dry_run=True, cells=p.cells)
         print(dry_run_text(p))
         return 0
     print(dry_run_text(p))
-    outcome = run_sweep(p.spec, args.executor, workers=args.workers, ray_address=args.ray_address, cells=p.cells)
+    outcome = run_sweep(p.spec, executor, cells=p.cells)
     if sweep_dir is not None:
         print(f"paper table: clbench report {sweep_dir}")
     return 1 if outcome.failed else 0

@@ -168,6 +168,8 @@ def _write_status(sweep_dir: Path, cells: list[Cell], results: Mapping[str, Cell
             state = "complete" if result.complete else ("running elsewhere" if result.busy else result.status)
             status[cell.name] = {"status": state, "last": result.status, "seconds": round(result.seconds, 2),
                                  "error": result.error}
+            if getattr(result, "attempts", 1) > 1:  # Ray retried it (its worker or node died)
+                status[cell.name]["attempts"] = result.attempts
     atomic.write_json(sweep_dir / STATUS_FILE, {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "cells": status})
 
 
@@ -235,6 +237,9 @@ def run_sweep(
         for cell in cells:
             validate_cell(cell, spec.source)
     runner = make_executor(executor, workers, ray_address) if isinstance(executor, str) else executor
+    check = getattr(runner, "check", None)  # the executor's own rules on the cells (Ray: GPUs per cell)
+    if check is not None:
+        check(cells)
     sweep_dir = Path(cells[0].sweep_dir)
     if not _is_sweep_folder(sweep_dir):  # checked before the dry run too: it would refuse to run
         what = "is a file" if not sweep_dir.is_dir() else "exists and is not a clbench sweep folder (no sweep.yaml)"
@@ -360,12 +365,14 @@ def _run_cells(runner: Executor, cell_fn: CellFn, todo: list[Cell], outcome: Swe
         for k, result in enumerate(results, start=1):
             outcome.results[result.name] = result
             status.write(outcome.results)
+            attempts = getattr(result, "attempts", 1)  # Ray retries a cell whose worker or node died
+            tries = f", attempt {attempts}" if attempts > 1 else ""
             if result.failed:
-                echo(f"[{k}/{len(todo)}] FAILED  {result.name}: {result.error}  (log: {outcome.sweep_dir / LOGS / (result.name + '.log')})")
+                echo(f"[{k}/{len(todo)}] FAILED  {result.name}: {result.error}  (log: {outcome.sweep_dir / LOGS / (result.name + '.log')}{tries})")
             elif result.busy:
                 echo(f"[{k}/{len(todo)}] SKIPPED {result.name}: {result.error}")
             else:
-                echo(f"[{k}/{len(todo)}] {result.status:7s} {result.name} ({result.seconds:.1f} s)")
+                echo(f"[{k}/{len(todo)}] {result.status:7s} {result.name} ({result.seconds:.1f} s{tries})")
             if _disk_full(result):
                 echo("stopping: the disk is full; no more cells are started (free space, then re-run the sweep: "
                      "finished cells are kept, killed ones resume)")
