@@ -316,11 +316,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"{method}: failed ({done.returncode}):\n{done.stderr[-3000:]}")
         results.append(json.loads(line[-1][len("RESULT "):]))
         print(f"{method}: {results[-1]['wall']:.1f} s", file=sys.stderr, flush=True)
+        if args.json:  # after every method: a long benchmark interrupted later keeps what it measured
+            args.json.write_text(json.dumps(results, indent=1))
     print(f"root {args.root}, tasks {args.tasks}, {args.threads} threads, device {args.device}"
           f"{', resnet18 at %d px (quick mode)' % args.image_size if args.small else ''}")
     print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
