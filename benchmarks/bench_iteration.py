@@ -57,6 +57,17 @@ def random_pixels(n: int, size: int, seed: int) -> torch.Tensor:
     return (255 * (0.8 * fine + 0.2 * torch.rand(n, 3, size, size, generator=g))).round().to(torch.uint8)
 
 
+def optimiser_step(optimiser: torch.optim.Optimizer, parts: dict[str, torch.Tensor]) -> float:
+    """One step on the sum of clbench's named loss parts, reading them back as the trainer logs them."""
+    loss = sum(parts.values())
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    for value in parts.values():
+        value.item()
+    return loss.item()
+
+
 # -- EfficientAD -----------------------------------------------------------------------------------
 def efficientad_steps(size: int) -> tuple[Step, Step]:
     from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
@@ -84,13 +95,7 @@ def efficientad_steps(size: int) -> tuple[Step, Step]:
     generator = torch.Generator().manual_seed(0)
 
     def ours_step() -> float:
-        parts = ours.training_losses(pixels, penalty, generator)
-        loss = sum(parts.values())
-        ours_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ours_opt.step()
-        [v.item() for v in parts.values()]
-        return loss.item()
+        return optimiser_step(ours_opt, ours.training_losses(pixels, penalty, generator))
 
     ref_opt = torch.optim.Adam(list(reference.student.parameters()) + list(reference.ae.parameters()), lr=1e-4, weight_decay=1e-5)
     reference.train()
@@ -132,14 +137,7 @@ def draem_steps(size: int, batch_size: int = 4) -> tuple[Step, Step]:
     index = iter(range(1 << 30))
 
     def ours_step() -> float:
-        simulated = ours.simulate(batch, 0, 0, next(index))
-        parts = ours._training_loss(simulated)
-        loss = sum(parts.values())
-        ours_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ours_opt.step()
-        [v.item() for v in parts.values()]
-        return loss.item()
+        return optimiser_step(ours_opt, ours._training_loss(ours.simulate(batch, 0, 0, next(index))))
 
     augmenter = PerlinAnomalyGenerator(anomaly_source_path=None, blend_factor=(0.1, 1.0))
     ref_loss = DraemLoss()

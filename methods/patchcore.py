@@ -312,7 +312,7 @@ class PatchCore(AnomalyMethod):
         self.on_state_loaded()
         # recorded per step (training.csv): 1 when every bank is searched by a faiss GPU index; the
         # reason for a CPU index (no CUDA, a faiss-cpu build, a failed GPU index) is logged by knn
-        self.fit_info["knn_gpu"] = float(all(index.backend == "faiss-gpu" for index in self._indexes))
+        self.fit_info["knn_gpu"] = float(all(index.gpu for index in self._indexes))
 
     def on_state_loaded(self) -> None:
         """Rebuild the per-bank faiss indexes (derived from ``memory_bank``)."""

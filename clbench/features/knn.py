@@ -57,11 +57,6 @@ def choose_backend(device: torch.device) -> tuple[str, str]:
     return GPU_BACKEND, f"bank on {device}, faiss sees {gpus} GPU(s)"
 
 
-def use_gpu(bank: torch.Tensor) -> bool:
-    """A GPU index only when faiss has GPUs and the bank already lives on CUDA."""
-    return choose_backend(bank.device)[0] == GPU_BACKEND
-
-
 def _gpu_index(bank: torch.Tensor, device_index: int) -> "faiss.GpuIndexFlatL2":
     config = faiss.GpuIndexFlatConfig()
     config.device = device_index
@@ -155,4 +150,4 @@ def knn_torch(
     return torch.cat(distances), torch.cat(indices)
 
 
-__all__ = ["CPU_BACKEND", "GPU_BACKEND", "FlatL2Index", "choose_backend", "knn_faiss", "knn_torch", "use_gpu"]
+__all__ = ["CPU_BACKEND", "GPU_BACKEND", "FlatL2Index", "choose_backend", "knn_faiss", "knn_torch"]
