@@ -29,6 +29,15 @@ def image_files(folder: Path, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> l
     return sorted(by_stem.values())
 
 
+def training_images(folder: Path, extensions: Iterable[str]) -> list[Path]:
+    """``image_files`` of a category's good training folder, which must not be empty: a category
+    without training images cannot be learned (one line naming the folder and the expected types)."""
+    files = image_files(folder, extensions)
+    if not files:
+        raise DatasetError(f"{folder}: no images ({' or '.join(extensions)})")
+    return files
+
+
 def subfolders(folder: Path) -> list[Path]:
     """Visible subfolders of ``folder``, sorted (none if it is not a folder)."""
     if not folder.is_dir():

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clbench.data.dataset import DatasetError
-from clbench.data.formats._files import categories_having, image_files
+from clbench.data.formats._files import categories_having, image_files, training_images
 from clbench.data.formats.base import FORMATS, CategoryPlan, DatasetFormat, TestImage, TrainImage
 
 EXTENSIONS = (".bmp", ".png")
@@ -29,9 +29,7 @@ class BTAD(DatasetFormat):
 
     def plan(self, src: Path, category: str) -> CategoryPlan:
         folder = src / category
-        train = [TrainImage(p) for p in image_files(folder / "train" / "ok", EXTENSIONS)]
-        if not train:
-            raise DatasetError(f"{folder / 'train' / 'ok'}: no images (.bmp or .png)")
+        train = [TrainImage(p) for p in training_images(folder / "train" / "ok", EXTENSIONS)]
         test = [TestImage(p, "good") for p in image_files(folder / "test" / "ok", EXTENSIONS)]
         masks = {p.stem: p for p in image_files(folder / "ground_truth" / DEFECT, EXTENSIONS)}
         for image in image_files(folder / "test" / DEFECT, EXTENSIONS):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clbench.data.dataset import DatasetError
-from clbench.data.formats._files import categories_having, image_files
+from clbench.data.formats._files import categories_having, image_files, training_images
 from clbench.data.formats.base import FORMATS, CategoryPlan, DatasetFormat, TestImage, TrainImage
 
 PUBLIC = "test_public"
@@ -45,9 +45,7 @@ class MVTecAD2(DatasetFormat):
 
     def plan(self, src: Path, category: str) -> CategoryPlan:
         folder = src / category
-        train = [TrainImage(p) for p in image_files(folder / "train" / "good", EXTENSIONS)]
-        if not train:
-            raise DatasetError(f"{folder / 'train' / 'good'}: no images (.png)")
+        train = [TrainImage(p) for p in training_images(folder / "train" / "good", EXTENSIONS)]
         validation_dir = folder / "validation" / "good"
         validation = [TrainImage(p) for p in image_files(validation_dir, EXTENSIONS)] if validation_dir.is_dir() else []
         test_dir = folder / self.split
