@@ -210,6 +210,36 @@ def test_predict_before_fit_is_an_error() -> None:
         model.predict(next(FakeStream(1).batches(1)))
 
 
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable VmHWM")
+@pytest.mark.parametrize("average", ["covariance", "precision", "pooled"])
+def test_a_later_step_holds_the_state_plus_one_matrix(average: str) -> None:
+    """Issue 14's memory target: a step after the first allocates one (P, d, d) matrix (the step's
+    scatter) beyond the state; the covariance, the inverse and Chan's merge work in place. Before,
+    a step held up to four more (per-batch scatter, regularised copy, new inverse beside the old)."""
+    patches, dims = 4096, 64  # one (P, d, d) float32 matrix = 64 MiB, far above the allocator's noise
+    matrix = patches * dims * dims * 4
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(24, patches, dims, generator=g) + shift for shift in (0.0, 1.0, 2.0)]
+    model = make_padim(steps[0], batch_size=8, average=average)
+    fit(model, steps[0])
+    fit(model, steps[1])
+    precision = model.precision.data_ptr()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before = _rss_bytes("VmRSS")
+    fit(model, steps[2])
+    extra = _rss_bytes("VmHWM") - before
+    assert extra < 1.5 * matrix, f"step 3 peaked {extra / matrix:.2f} matrices above the state"
+    if average != "precision":  # the derived inverse is rewritten where it was
+        assert model.precision.data_ptr() == precision
+
+
 def test_analytic_memory_reproduces_seed_003() -> None:
     memory = PaDiM.analytic_memory({"backbone": "wide_resnet50_2"}, 224)
     state = memory["method_state/mean"] + memory["method_state/covariance"]
