@@ -368,7 +368,8 @@ def test_F11_damaged_config_yaml_on_resume(content, expected: str, data_root: Pa
 # A clbench process that holds its run folder after its first checkpoint until it is interrupted, and
 # says so on stdout: the test acts at a known moment, without polling or racing a run that may finish.
 HOLD_AFTER_FIRST_CHECKPOINT = """
-import sys, time
+import faulthandler, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack if it hangs
 from clbench.engine import runner
 from clbench.cli import main
 save = runner.Experiment._checkpoint
@@ -390,6 +391,19 @@ def read_line(process: subprocess.Popen, seconds: float) -> str:
     return process.stdout.readline()
 
 
+def wait_or_dump_stacks(process: subprocess.Popen, seconds: float) -> int:
+    """The exit code of ``process`` within ``seconds``; past them, fail with the stacks of all its
+    threads (faulthandler on SIGUSR1, registered by HOLD_AFTER_FIRST_CHECKPOINT) so a hang says where."""
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        process.kill()
+        _, err = process.communicate()
+        pytest.fail(f"pid {process.pid} still running {seconds} s after SIGINT; its threads:\n{err[-6000:]}")
+
+
 @pytest.mark.slow
 def test_F09_F14_locked_folder_and_ctrl_c(synthetic_root: Path, tmp_path: Path, capsys) -> None:
     """A second run on a folder in use is refused naming the pid; Ctrl-C exits 130, quietly, resumable."""
@@ -407,7 +421,7 @@ def test_F09_F14_locked_folder_and_ctrl_c(synthetic_root: Path, tmp_path: Path, 
         code, err = cli(args + ["--overwrite"], capsys)
         assert code == 2 and f"{out / 'f09'}: in use by another clbench process (pid {first.pid})" in err
         first.send_signal(signal.SIGINT)
-        assert first.wait(timeout=120) == 130
+        assert wait_or_dump_stacks(first, 120) == 130
         err = first.stderr.read()
         assert "Traceback" not in err and err.strip().splitlines()[-1] == (
             "clbench: interrupted; run the same command with --resume to continue from the last completed step")
