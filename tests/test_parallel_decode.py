@@ -115,3 +115,43 @@ def test_decode_workers_is_checked_and_defaults_to_a_few_threads() -> None:
     assert 1 <= ImageStore(32).decode_workers <= 4
     with pytest.raises(ValueError, match="decode_workers"):
         ImageStore(32, decode_workers=-2)
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_the_image_cache_keeps_at_most_its_bytes_least_recently_used_first(root: Path, monkeypatch, workers: int) -> None:
+    """``image_cache_gb``: past the cap the least recently used image goes and is decoded again when
+    asked for, with the same pixels; 0 keeps none. An uncapped store is the reference."""
+    calls: list[str] = []
+    real = dataset.load_rgb8
+    monkeypatch.setattr(dataset, "load_rgb8", lambda path, size: calls.append(path.as_posix()) or real(path, size))
+    samples = everything(root)
+    a, b, c, d = samples[:4]
+    reference = ImageStore(32, decode_workers=0)
+    one = 3 * 32 * 32
+    store = ImageStore(32, decode_workers=workers, cache_bytes=3 * one + one // 2)
+    for s in (a, b, c, a, d):  # a is used again before d arrives: b is the least recently used
+        assert torch.equal(store.image(s), reference.image(s))
+    assert list(store._images) == [c.key, a.key, d.key] and store._image_bytes == 3 * one
+    calls.clear()
+    assert torch.equal(store.image(b), reference.image(b)) and calls == [b.image.as_posix()]  # decoded again
+    assert torch.equal(store.image(d), reference.image(d)) and len(calls) == 1  # still cached
+    for batch, expected in zip(SampleSet(samples, store).batches(4, shuffle=True, seed=1),
+                               SampleSet(samples, reference).batches(4, shuffle=True, seed=1)):
+        assert torch.equal(batch.pixels, expected.pixels) and store._image_bytes <= 3 * one + one // 2
+    nothing = ImageStore(32, decode_workers=workers, cache_bytes=0)
+    calls.clear()
+    for _ in range(2):
+        assert torch.equal(nothing.image(a), reference.image(a))
+    assert len(calls) == 2 and not nothing._images
+
+
+def test_image_cache_gb_is_checked_and_a_run_does_not_depend_on_it(synthetic_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.from_mapping({"image_cache_gb": -1})
+    assert "image_cache_gb" in str(info.value) and "\n" not in str(info.value)
+    from helpers import engine_run
+
+    runs = [engine_run("stfpm", "replay", {"buffer_size": 4}, synthetic_root, tmp_path / name, image_cache_gb=gb)
+            for name, gb in (("default", 2.0), ("none", 0.0))]
+    tables = [(run / "metrics.csv").read_text() for run in runs]
+    assert tables[0] == tables[1] and len(tables[0].splitlines()) > 2

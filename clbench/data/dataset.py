@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import random
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,6 +365,10 @@ class ImageStore:
     what methods see and what is evaluated. Keeping uint8 (not float) is 4x smaller and is also
     the replay buffer's storage format.
 
+    ``cache_bytes`` bounds the decoded images kept (least recently used dropped, decoded again if
+    needed; None keeps all: MVTec AD at 256 px is 1.05 GB): with originals of any size and count, the
+    store's RAM is a stated constant, not a share of the dataset. Results do not depend on it.
+
     ``decode_workers`` threads (None: ``default_decode_workers()``; 0 or 1: every image decoded in
     the caller, as before) decode what ``prefetch`` is given while the caller works on something
     else: with 700-1024 px originals PIL, not the backbone, would otherwise set the pace. Workers
@@ -373,7 +378,8 @@ class ImageStore:
     thread per store.
     """
 
-    def __init__(self, size: int, crop: int | None = None, decode_workers: int | None = None) -> None:
+    def __init__(self, size: int, crop: int | None = None, decode_workers: int | None = None,
+                 cache_bytes: int | None = None) -> None:
         if size <= 0:
             raise ValueError(f"image_size must be positive, got {size}")
         if crop is not None and not 0 < crop <= size:
@@ -386,7 +392,11 @@ class ImageStore:
         self.out_size = crop or size
         self.decode_workers = workers
         self._offset = int(round((size - self.out_size) / 2.0))
-        self._images: dict[str, torch.Tensor] = {}
+        if cache_bytes is not None and cache_bytes < 0:
+            raise ValueError(f"image cache bytes must be 0 or more, got {cache_bytes}")
+        self.cache_bytes = cache_bytes  # decoded images kept, least recently used dropped beyond; None: all
+        self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._image_bytes = 0
         self._masks: dict[str, torch.Tensor] = {}
         # decodes submitted by ``prefetch`` and not yet taken: ("image" | "mask", key) -> Future
         self._pending: dict[tuple[str, str], Future] = {}
@@ -432,8 +442,24 @@ class ImageStore:
         if cached is None:
             pending = self._pending.pop(("image", sample.key), None)
             cached = pending.result() if pending is not None else self._decode_image(sample.image)
-            self._images[sample.key] = cached
+            self._keep_image(sample.key, cached)
+        elif self.cache_bytes is not None:
+            self._images.move_to_end(sample.key)
         return cached
+
+    def _keep_image(self, key: str, image: torch.Tensor) -> None:
+        """Cache a decoded image within ``cache_bytes``: the least recently used go first (a frozen
+        backbone's features are cached apart, so past its first pass an image is seldom needed
+        again; a trainable method's current task stays, being the most recently used). Masks are
+        kept regardless (one byte per pixel, test images only), so an empty mask warns once."""
+        size = image.numel() * image.element_size()
+        if self.cache_bytes is not None and size > self.cache_bytes:
+            return
+        self._images[key] = image
+        self._image_bytes += size
+        while self.cache_bytes is not None and self._image_bytes > self.cache_bytes:
+            _, dropped = self._images.popitem(last=False)
+            self._image_bytes -= dropped.numel() * dropped.element_size()
 
     def mask(self, sample: Sample) -> torch.Tensor:
         if sample.mask is None:

@@ -87,6 +87,9 @@ class RunConfig:
     max_epochs: int | None = setting(None, [None, POSITIVE_INT])  # caps trainable methods' epochs
     # RAM for cached frozen-backbone features; spills to disk beyond
     feature_cache_gb: float = setting(4.0, NON_NEGATIVE)
+    # RAM for decoded images (uint8 at the run's resolution; all of MVTec AD at 256 px is 1.05 GB): beyond
+    # it the least recently used are dropped and decoded again when needed. Results do not depend on it
+    image_cache_gb: float = setting(2.0, NON_NEGATIVE)
     # dtype cached backbone features are stored in (returned as float32): float16 halves the cache; scores
     # then move by < 1e-3 of their value, maps by < 1e-3 of their range (tests/test_feature_cache.py)
     feature_cache_dtype: str = setting("float32", Options("float32", "float16"))

@@ -47,7 +47,7 @@ SUMMARY_STATS = ("acc", "bwt", "fm", "relative_forgetting")
 # Keys that may differ between a run and its resume (where and how fast, not what is computed).
 # ``synthetic`` only says whether data may be generated (runs before auto|true|false saved true);
 # the dataset fingerprint checked at resume is what keeps a resume on the run's data.
-RESUME_FREE_KEYS = ("device", "feature_cache_gb", "output_dir", "eval_batch_size", "name", "synthetic", "plots",
+RESUME_FREE_KEYS = ("device", "feature_cache_gb", "image_cache_gb", "output_dir", "eval_batch_size", "name", "synthetic", "plots",
                     "decode_workers", "checkpoint_every")
 
 
@@ -313,7 +313,8 @@ class Experiment:
             method = self.method_cls(context, **self.method_params).to(self.device)
         strategy = self.strategy_cls(seed=self.config.seed, **self.strategy_params)
         strategy.progress = self.progress
-        store = ImageStore(self.config.image_size, self.config.crop_size, self.config.decode_workers)
+        store = ImageStore(self.config.image_size, self.config.crop_size, self.config.decode_workers,
+                           cache_bytes=int(self.config.image_cache_gb * (1 << 30)))
         return method, strategy, store, pool
 
     @contextlib.contextmanager
