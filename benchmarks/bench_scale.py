@@ -224,6 +224,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         weights="none", device=args.device, seed=0, output_dir=str(args.out), name=args.child,
         method_params=params, plots=not args.no_plots,
     )
+    if args.decode_workers is not None:
+        config["decode_workers"] = args.decode_workers
     experiment = Experiment(from_mapping(config), overwrite=True, progress=False)
     run_dir = experiment.run()
     wall = time.perf_counter() - start
@@ -292,6 +294,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--count-scale", type=float, default=0.02, help="the quick root's scale of MVTec's counts")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--decode-workers", type=int, help="the run's decode_workers (default: clbench's)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -310,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
                "--epochs", str(args.epochs), "--threads", str(args.threads), "--device", args.device,
                "--out", str(args.out), "--image-size", str(args.image_size)]
         cmd += ["--small"] * args.small + ["--no-plots"] * args.no_plots
+        if args.decode_workers is not None:
+            cmd += ["--decode-workers", str(args.decode_workers)]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         if done.returncode or not line:
