@@ -97,7 +97,7 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--max-epochs", dest="max_epochs", type=int, help="cap trainable methods' epochs")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--decode-workers", dest="decode_workers", type=int,
-                   help="threads decoding images ahead of the method (default: min(4, CPUs); 0: none)")
+                   help="threads decoding images ahead of the method (default: min(4, CPUs) on CUDA, spare cores on CPU; 0: none)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
                    help="write the checkpoint every K steps (default 1; the last step always): a killed run "
                         "redoes at most K-1 steps on --resume")

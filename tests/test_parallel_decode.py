@@ -112,7 +112,18 @@ def test_decode_workers_is_checked_and_defaults_to_a_few_threads() -> None:
     with pytest.raises(cfg.ConfigError, match="decode_workers"):
         cfg.from_mapping({"decode_workers": 2.5})
     assert cfg.from_mapping({"decode_workers": 0}).decode_workers == 0
-    assert 1 <= ImageStore(32).decode_workers <= 4
+    assert ImageStore(32).decode_workers == dataset.default_decode_workers("cpu")
+
+
+@pytest.mark.parametrize("device, cores, torch_threads, expected", [
+    ("cuda", 16, 16, 4), ("cuda", 2, 2, 2), ("cuda", 1, 1, 0),  # the GPU computes: the cores are free
+    ("cpu", 2, 2, 0), ("cpu", 16, 16, 0), ("cpu", 16, 8, 4), ("cpu", 4, 1, 3), ("cpu", 4, 3, 0),  # spare cores only
+])
+def test_default_decode_workers_uses_only_cores_nobody_computes_on(monkeypatch, device: str, cores: int,
+                                                                   torch_threads: int, expected: int) -> None:
+    monkeypatch.setattr(dataset.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(dataset.torch, "get_num_threads", lambda: torch_threads)
+    assert dataset.default_decode_workers(device) == expected
     with pytest.raises(ValueError, match="decode_workers"):
         ImageStore(32, decode_workers=-2)
 

@@ -93,7 +93,8 @@ class RunConfig:
     # dtype cached backbone features are stored in (returned as float32): float16 halves the cache; scores
     # then move by < 1e-3 of their value, maps by < 1e-3 of their range (tests/test_feature_cache.py)
     feature_cache_dtype: str = setting("float32", Options("float32", "float16"))
-    # threads decoding images (PIL) ahead of the method; null: min(4, CPUs); 0 or 1: in the main thread.
+    # threads decoding images (PIL) ahead of the method; null: min(4, CPUs) on CUDA, on the CPU only the cores
+    # torch's threads leave spare (none on most machines); 0 or 1: in the main thread.
     # Results do not depend on it (clbench.data.ImageStore)
     decode_workers: int | None = setting(None, [None, Interval(int, 0, None)])
     # steps between checkpoints (the last step always writes one). A checkpoint holds the whole method

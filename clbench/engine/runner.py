@@ -28,6 +28,7 @@ from clbench.engine import memory, seeding
 from clbench.features.backbones import WEIGHT_CHOICES, BackbonePool, random_init_message, resolve_weights
 from clbench.engine.config import ConfigError, RunConfig, check_run_name
 from clbench.data import Category, ImageStore, SampleSet, list_categories, load_category
+from clbench.data.dataset import default_decode_workers
 from clbench.data.root import ensure_dataset
 from clbench.engine.environment import environment_info
 from clbench.engine.evaluation import TASK_ID_METRIC, evaluate_all, task_id_summary, task_indices
@@ -313,7 +314,9 @@ class Experiment:
             method = self.method_cls(context, **self.method_params).to(self.device)
         strategy = self.strategy_cls(seed=self.config.seed, **self.strategy_params)
         strategy.progress = self.progress
-        store = ImageStore(self.config.image_size, self.config.crop_size, self.config.decode_workers,
+        workers = self.config.decode_workers
+        store = ImageStore(self.config.image_size, self.config.crop_size,
+                           default_decode_workers(self.device.type) if workers is None else workers,
                            cache_bytes=int(self.config.image_cache_gb * (1 << 30)))
         return method, strategy, store, pool
 
