@@ -133,6 +133,11 @@ class TrainContext:
     added: dict[str, torch.Tensor] = field(default_factory=dict)  # terms added by callbacks
     record: dict[str, float] = field(default_factory=dict)  # the epoch's log record
     result: TrainResult | None = None
+    # what the loop trains with, for callbacks that run the method's own loss again (EWC's Fisher)
+    loss_fn: LossFn | None = None
+    batches: Callable[[int], Iterable[Any]] | None = None  # the epoch's training batches, as the loop sees them
+    modules: Sequence[nn.Module] = ()
+    precision: Precision = field(default_factory=Precision)
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
         """Add a named term to this batch's loss (logged as ``loss/<name>``)."""
@@ -214,7 +219,8 @@ def train_loop(
         raise ValueError(f"average: '{average}' is not one of images, iterations")
     where = f" of {', '.join(data.task_names)}" if data is not None else ""
     early_stopping = validate is not None and patience is not None
-    ctx = TrainContext(optimiser=optimiser, method=method, data=data)
+    ctx = TrainContext(optimiser=optimiser, method=method, data=data, loss_fn=loss_fn, batches=batches,
+                       modules=modules, precision=precision)
     result = TrainResult(epochs_max=epochs, early_stopping=early_stopping, precision=precision.name)
     scaler = precision.grad_scaler()
     best_state: list[dict[str, Any]] | None = None

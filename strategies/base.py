@@ -77,6 +77,10 @@ class Strategy(Parameterised, ABC):
         """The training steps for this schedule (a flat list of categories, one per step, or a list
         of steps, each a tuple of categories: ``clbench.engine.tasks.as_schedule``)."""
 
+    def check_method(self, method: AnomalyMethod) -> None:
+        """Refuse, with one line (``ConfigError``), a method this strategy cannot work with (a
+        gradient penalty on a method that learns no weights); called before the run starts."""
+
     def training_stream(self, experience: Experience, current: SampleSet) -> TrainStream:
         """The data the method trains on at this step; plain strategies pass the current data."""
         return current

@@ -313,6 +313,7 @@ class Experiment:
         with self._weights_file_errors():
             method = self.method_cls(context, **self.method_params).to(self.device)
         strategy = self.strategy_cls(seed=self.config.seed, **self.strategy_params)
+        strategy.check_method(method)
         strategy.progress = self.progress
         workers = self.config.decode_workers
         store = ImageStore(self.config.image_size, self.config.crop_size,

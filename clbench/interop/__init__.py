@@ -1,0 +1,1 @@
+"""Bridges to other continual-learning toolkits (``avalanche``: clbench streams as Avalanche benchmarks)."""

@@ -1,0 +1,132 @@
+"""Online EWC (strategies/ewc.py) against Avalanche's own EWCPlugin, and through the engine."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from clbench.params import ConfigError
+from helpers import engine_run
+from methods.training import train_loop
+from strategies.ewc import EWC, EWCPenalty
+
+LAMBDA, DECAY, LR, BATCH = 50.0, 0.7, 0.05, 4
+
+
+def tiny_model() -> nn.Module:
+    """A small autoencoder with batch norm (so the importance pass's train/eval mode matters)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
+
+
+def tasks() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.rand(8, 3, 6, 6, generator=g) + shift for shift in (0.0, 1.5, -1.0)]
+
+
+def reconstruction(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return (model(x) - x).pow(2).mean()
+
+
+def train_clbench(model: nn.Module, data: list[torch.Tensor], epochs: int = 2) -> tuple[EWC, list[float]]:
+    strategy = EWC(ewc_lambda=LAMBDA, decay_factor=DECAY)
+    penalties: list[float] = []
+
+    class Spy(EWCPenalty):
+        def before_backward(self, ctx) -> None:
+            super().before_backward(ctx)
+            penalties.append(float(ctx.added["ewc"].detach()) if "ewc" in ctx.added else 0.0)
+
+    for x in data:
+        optimiser = torch.optim.SGD(model.parameters(), lr=LR)
+        train_loop(lambda batch: reconstruction(model, batch), optimiser, epochs=epochs,
+                   batches=lambda epoch: [x[i:i + BATCH] for i in range(0, len(x), BATCH)],
+                   modules=[model], callbacks=[Spy(strategy)], method=model)
+    return strategy, penalties
+
+
+def train_avalanche(model: nn.Module, data: list[torch.Tensor], epochs: int = 2):
+    """The same SGD steps with Avalanche's EWCPlugin driven through its hooks, as its template does."""
+    from avalanche.training.plugins import EWCPlugin
+
+    plugin = EWCPlugin(ewc_lambda=LAMBDA, mode="online", decay_factor=DECAY)
+    penalties: list[float] = []
+    for t, x in enumerate(data):
+        optimiser = torch.optim.SGD(model.parameters(), lr=LR)
+        strategy = SimpleNamespace(clock=SimpleNamespace(train_exp_counter=t), model=model, device="cpu",
+                                   optimizer=optimiser, train_mb_size=BATCH,
+                                   _criterion=lambda out, y: (out - y).pow(2).mean(),
+                                   experience=SimpleNamespace(dataset=TensorDataset(x, x, torch.zeros(len(x)))))
+        for _ in range(epochs):
+            model.train()
+            for i in range(0, len(x), BATCH):
+                batch = x[i:i + BATCH]
+                strategy.loss = reconstruction(model, batch)
+                base = float(strategy.loss)
+                plugin.before_backward(strategy)
+                penalties.append(float(strategy.loss) - base)
+                optimiser.zero_grad()
+                strategy.loss.backward()
+                optimiser.step()
+        model.eval()
+        plugin.after_training_exp(strategy)
+    last = len(data) - 1
+    return plugin.importances[last], plugin.saved_params[last], penalties
+
+
+def test_online_ewc_equals_avalanches_plugin_step_by_step() -> None:
+    """Three tasks, two epochs each: the same penalties at every batch, the same weights after
+    training, the same accumulated importances and anchors (Avalanche 0.6, mode='online')."""
+    pytest.importorskip("avalanche")
+    ours_model, theirs_model = tiny_model(), tiny_model()
+    ours, ours_penalties = train_clbench(ours_model, tasks())
+    importances, anchors, theirs_penalties = train_avalanche(theirs_model, tasks())
+    assert ours_penalties[:4] == [0.0] * 4 and max(ours_penalties) > 1e-4  # no penalty on task 0, then one
+    assert ours_penalties == pytest.approx(theirs_penalties, rel=1e-5, abs=1e-9)
+    for (name, p), (_, q) in zip(ours_model.named_parameters(), theirs_model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    assert set(ours.importance) == set(importances) == set(anchors)
+    for name in ours.importance:
+        torch.testing.assert_close(ours.importance[name], importances[name].data, rtol=1e-5, atol=1e-9, msg=name)
+        torch.testing.assert_close(ours.anchor[name], anchors[name].data, msg=name)
+
+
+def test_importance_is_the_mean_squared_gradient_and_leaves_the_model_as_it_was() -> None:
+    """Brute force with torch.autograd.grad on a copy; batch-norm statistics untouched."""
+    model = tiny_model()
+    x = tasks()[0]
+    ours, _ = train_clbench(model, [x], epochs=1)
+    reference = copy.deepcopy(model).eval()
+    expected = {name: torch.zeros_like(p) for name, p in reference.named_parameters()}
+    batches = [x[i:i + BATCH] for i in range(0, len(x), BATCH)]
+    for batch in batches:
+        grads = torch.autograd.grad(reconstruction(reference, batch), list(reference.parameters()))
+        for (name, _), grad in zip(reference.named_parameters(), grads):
+            expected[name] += grad.pow(2) / len(batches)
+    for name, value in expected.items():
+        torch.testing.assert_close(ours.importance[name], value, msg=name)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_ewc_state_memory_and_one_line_refusal(synthetic_root: Path, tmp_path: Path) -> None:
+    run = engine_run("stfpm", "ewc", {"ewc_lambda": 1000.0}, synthetic_root, tmp_path / "ewc")
+    training = pd.read_csv(run / "training.csv")
+    penalty = training[training.key == "loss/ewc"]
+    assert len(penalty) and set(penalty.step) == {1} and (penalty.value > 0).all()  # step 0 has nothing to keep
+    memory = pd.read_csv(run / "memory.csv")
+    state = memory[memory.component == "strategy_state"].set_index("step").bytes
+    trainable = memory[memory.component == "model_trainable"].set_index("step").bytes
+    # importance + anchor, fp32, of every weight the optimiser trains (STFPM's student: all but 0.2%)
+    assert ((0.99 * 2 * trainable <= state) & (state <= 2 * trainable)).all(), (state.tolist(), trainable.tolist())
+    with pytest.raises(ConfigError) as info:
+        engine_run("padim", "ewc", {}, synthetic_root, tmp_path / "padim")
+    assert str(info.value).startswith("strategy 'ewc' needs a method trained by gradient descent; 'padim'")
+    assert "\n" not in str(info.value) and not (tmp_path / "padim").exists()
