@@ -20,7 +20,19 @@ from clbench.registry import Registry
 from methods.base import AnomalyMethod, TaskData, TrainStream
 from methods.training import Callback
 
-STRATEGIES: Registry["Strategy"] = Registry("strategy", "strategies")
+class StrategyRegistry(Registry["Strategy"]):
+    """The strategies by name; a name joined by ``+`` ("replay+ewc") is their combination
+    (``strategies.combined``), built from the parts' classes when asked for."""
+
+    def get(self, name: str) -> type["Strategy"]:
+        if "+" not in name:
+            return super().get(name)
+        from strategies.combined import combine
+
+        return combine(name, [super(StrategyRegistry, self).get(part) for part in name.split("+")])
+
+
+STRATEGIES: StrategyRegistry = StrategyRegistry("strategy", "strategies")
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,9 @@ class Strategy(Parameterised, ABC):
     name: ClassVar[str]
     params_key: ClassVar[str] = "strategy_params"
     kind: ClassVar[str] = "strategy"
+    # "data": decides what the method trains on (sequential, replay, joint); "regulariser": only adds to
+    # the training loop through callbacks (ewc). A combination "a+b" has at most one data part.
+    role: ClassVar[str] = "data"
     hyperparameters: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, seed: int = 0, **params: Any) -> None:

@@ -94,7 +94,9 @@ class EWCPenalty(Callback):
 
 @STRATEGIES.register("ewc")
 class EWC(Strategy):
-    """Sequential steps with the online-EWC penalty (module docstring)."""
+    """Sequential steps with the online-EWC penalty (module docstring); ``replay+ewc`` adds it to replay."""
+
+    role = "regulariser"
 
     hyperparameters = {
         "ewc_lambda": Param(100.0, NON_NEGATIVE, "weight of the penalty (Avalanche's ewc_lambda)"),
