@@ -119,6 +119,12 @@ class AnomalyMethod(nn.Module, Parameterised, ABC):
     def predict(self, batch: Batch) -> Prediction:
         """Score a batch: pixel maps (B, H, W) at input resolution and image scores (B,)."""
 
+    def continual_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The trained network's outputs on a batch, differentiable w.r.t. the trained weights, in the
+        method's current mode: what LwF / DER++ distil and MAS differentiates (strategies/). Methods
+        that learn no weights have none."""
+        raise NotImplementedError(f"method '{self.name}' has no trained outputs to distil")
+
     def frozen_backbones(self) -> list[FrozenBackbone]:
         """The shared frozen backbones this method uses (counted as its frozen parameters)."""
         return []

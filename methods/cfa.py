@@ -195,6 +195,11 @@ class CFA(AnomalyMethod):
         distances = squared_distances(self.describe(batch), self.memory_bank)
         return cfa_loss(distances, self.radius, p["k"], p["j"], p["alpha"], p["nu"])
 
+    def continual_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The trained descriptor's patch features (``descriptor``, (B, d, h, w)) on the cached backbone
+        features: what CFA's loss pulls towards the memory bank (the radius is no per-image output)."""
+        return {"descriptor": self.descriptor(self.backbone.features(batch))}
+
     # -- memory bank (Algorithm 3, or the paper's code's batch weighting) ------------------------
     @torch.no_grad()
     def task_bank(self, data: TaskData) -> tuple[torch.Tensor, int]:

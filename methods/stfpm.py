@@ -83,6 +83,12 @@ class STFPM(AnomalyMethod):
         student = self.student(batch.normalized(self.context.device))
         return stfpm_loss(teacher, student)
 
+    def continual_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The student's feature map per layer (``student/<layer>``, (B, C, h, w)): what STFPM's loss
+        compares to the teacher's, so what a distillation strategy must keep from drifting."""
+        student = self.student(batch.normalized(self.context.device))
+        return {f"student/{layer}": out for layer, out in zip(self.params["layers"], student)}
+
     def build_optimiser(self) -> torch.optim.Optimizer:
         p = self.params
         return torch.optim.SGD(self.student.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])

@@ -181,6 +181,13 @@ class DRAEM(AnomalyMethod):
     def _images(self, batch: Batch) -> torch.Tensor:
         return batch.pixels.to(self.context.device).float() / 255
 
+    def continual_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The ``reconstruction`` (B, 3, H, W) and the discriminative ``logits`` (B, 2, H, W) of the clean
+        batch in [0, 1] (no anomaly simulation): the two outputs DRAEM's l2 + SSIM and focal losses
+        train. In training mode the BatchNorm statistics update, as in any forward pass."""
+        reconstruction, logits = self(self._images(batch))
+        return {"reconstruction": reconstruction, "logits": logits}
+
     # -- learning --------------------------------------------------------------------------------
     def simulate(self, batch: Batch, step_seed: int, epoch: int, index: int) -> SimulatedBatch:
         """DRAEM's training batch ``index`` of ``epoch``: some normal images rotated, then anomalies

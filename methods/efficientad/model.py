@@ -435,6 +435,16 @@ class EfficientAD(AnomalyMethod):
             "stae": (ae - self.student(x_aug)[:, c:]).pow(2).mean(),
         }
 
+    def continual_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The student's two halves (``student/local``: the channels trained on the teacher,
+        ``student/global``: those trained on the autoencoder) and the ``autoencoder``'s output, each
+        (B, C, h, w), on the clean normalised images (no augmentation, no penalty images): the
+        trained networks' outputs that EfficientAD's four losses compare."""
+        x = batch.normalized(self.context.device)
+        student = self.student(x)
+        c = self.channels
+        return {"student/local": student[:, :c], "student/global": student[:, c:], "autoencoder": self.autoencoder(x)}
+
     @torch.no_grad()
     def _validation_loss(self, data: TaskData) -> float:
         self.student.eval()

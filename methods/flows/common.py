@@ -227,6 +227,14 @@ class FlowMethod(AnomalyMethod):
             epochs=self.num_epochs(p["epochs"]), batch_size=p["batch_size"], patience=p["patience"],
         )
 
+    def continual_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per level, the flow's latent ``z/<layer>`` (B, C, h, w) and ``log_jac_det/<layer>`` (B,) on the
+        cached backbone features: both terms of the NLL (``flow_loss``) the flows and LayerNorms train on."""
+        outputs: dict[str, torch.Tensor] = {}
+        for layer, z, jac in zip(self.params["layers"], *self.flow_outputs(self.backbone.features(batch))):
+            outputs[f"z/{layer}"], outputs[f"log_jac_det/{layer}"] = z, jac
+        return outputs
+
     @torch.no_grad()
     def predict(self, batch: Batch) -> Prediction:
         self.eval()
