@@ -120,8 +120,9 @@ class AnomalyMethod(nn.Module, Parameterised, ABC):
         """Score a batch: pixel maps (B, H, W) at input resolution and image scores (B,)."""
 
     def continual_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The trained network's outputs on a batch, differentiable w.r.t. the trained weights, in the
-        method's current mode: what LwF / DER++ distil and MAS differentiates (strategies/). Methods
+        """The trained network's outputs on a batch (a ``Batch``, or the training batch the method's
+        loss takes, which is what the trainer's callbacks see), differentiable w.r.t. the trained
+        weights, in the method's current mode: what LwF / DER++ distil and MAS differentiates (strategies/). Methods
         that learn no weights have none."""
         raise NotImplementedError(f"method '{self.name}' has no trained outputs to distil")
 

@@ -181,11 +181,14 @@ class DRAEM(AnomalyMethod):
     def _images(self, batch: Batch) -> torch.Tensor:
         return batch.pixels.to(self.context.device).float() / 255
 
-    def continual_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The ``reconstruction`` (B, 3, H, W) and the discriminative ``logits`` (B, 2, H, W) of the clean
-        batch in [0, 1] (no anomaly simulation): the two outputs DRAEM's l2 + SSIM and focal losses
-        train. In training mode the BatchNorm statistics update, as in any forward pass."""
-        reconstruction, logits = self(self._images(batch))
+    def continual_outputs(self, batch: Batch | SimulatedBatch) -> dict[str, torch.Tensor]:
+        """The ``reconstruction`` (B, 3, H, W) and the discriminative ``logits`` (B, 2, H, W): the two
+        outputs DRAEM's l2 + SSIM and focal losses train. Of a ``Batch``: its clean images in [0, 1];
+        of a training batch (``SimulatedBatch``, what the trainer's callbacks see): the network's
+        input, the simulated-anomaly images. In training mode the BatchNorm statistics update, as in
+        any forward pass."""
+        images = batch.augmented if isinstance(batch, SimulatedBatch) else self._images(batch)
+        reconstruction, logits = self(images)
         return {"reconstruction": reconstruction, "logits": logits}
 
     # -- learning --------------------------------------------------------------------------------
