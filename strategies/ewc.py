@@ -19,21 +19,12 @@ one-line error. Methods without trained weights (PaDiM, PatchCore) are refused b
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
-
 import torch
-from torch import nn
 
-from clbench.params import FRACTION, NON_NEGATIVE, ConfigError, Param
-from methods.base import AnomalyMethod
-from methods.training import Callback, TrainContext, _sum_parts
-from strategies.base import STRATEGIES, Experience, Strategy
-
-
-def trained_parameters(ctx: TrainContext) -> dict[str, nn.Parameter]:
-    """The method's parameters that this fit's optimiser updates, by their names in the method."""
-    in_optimiser = {id(p) for p in ctx.parameters()}
-    return {name: p for name, p in ctx.method.named_parameters() if id(p) in in_optimiser}
+from clbench.params import FRACTION, NON_NEGATIVE, Param
+from methods.training import TrainContext, _sum_parts
+from strategies.base import STRATEGIES
+from strategies.importance import ImportanceStrategy, trained_parameters
 
 
 def squared_gradients(ctx: TrainContext) -> dict[str, torch.Tensor]:
@@ -60,78 +51,23 @@ def squared_gradients(ctx: TrainContext) -> dict[str, torch.Tensor]:
     return {name: total / max(count, 1) for name, total in sums.items()}
 
 
-class EWCPenalty(Callback):
-    """The strategy's hooks in one fit: the penalty per batch, the importance after the task."""
-
-    def __init__(self, strategy: EWC) -> None:
-        self.strategy = strategy
-
-    def before_backward(self, ctx: TrainContext) -> None:
-        s = self.strategy
-        if not s.importance or ctx.method is None:
-            return
-        penalty = None
-        for name, p in trained_parameters(ctx).items():
-            if name not in s.importance:
-                continue
-            if p.shape != s.anchor[name].shape:
-                raise ValueError(f"ewc: parameter {name} changed shape since the last task "
-                                 f"({tuple(s.anchor[name].shape)} -> {tuple(p.shape)})")
-            term = (s.importance[name] * (p - s.anchor[name]).pow(2)).sum()
-            penalty = term if penalty is None else penalty + term
-        if penalty is not None:
-            ctx.add_loss("ewc", s.params["ewc_lambda"] * penalty)
-
-    def after_task(self, ctx: TrainContext) -> None:
-        if ctx.method is None:
-            return
-        s = self.strategy
-        new = squared_gradients(ctx)
-        decay = s.params["decay_factor"]
-        s.importance = {name: decay * s.importance[name] + f if name in s.importance else f for name, f in new.items()}
-        s.anchor = {name: p.detach().clone() for name, p in trained_parameters(ctx).items()}
-
-
 @STRATEGIES.register("ewc")
-class EWC(Strategy):
+class EWC(ImportanceStrategy):
     """Sequential steps with the online-EWC penalty (module docstring); ``replay+ewc`` adds it to replay."""
-
-    role = "regulariser"
 
     hyperparameters = {
         "ewc_lambda": Param(100.0, NON_NEGATIVE, "weight of the penalty (Avalanche's ewc_lambda)"),
         "decay_factor": Param(1.0, FRACTION, "online EWC: weight of the previous importance"),
     }
 
-    def __init__(self, seed: int = 0, **params: Any) -> None:
-        super().__init__(seed, **params)
-        self.importance: dict[str, torch.Tensor] = {}
-        self.anchor: dict[str, torch.Tensor] = {}
+    @property
+    def penalty_weight(self) -> float:
+        return self.params["ewc_lambda"]
 
-    def experiences(self, tasks: Sequence[Any]) -> list[Experience]:
-        return Experience.stream(tasks)
-
-    def check_method(self, method: AnomalyMethod) -> None:
-        if not any(p.requires_grad for p in method.parameters()):
-            raise ConfigError(f"strategy 'ewc' needs a method trained by gradient descent; "
-                              f"'{method.name}' learns no weights (use sequential, replay or joint)")
-
-    def callbacks(self, experience: Experience) -> list[Callback]:
-        return [EWCPenalty(self)]
-
-    def memory_components(self) -> dict[str, int]:
-        stored = [*self.importance.values(), *self.anchor.values()]
-        return {"replay_buffer": 0, "strategy_state": sum(t.numel() * t.element_size() for t in stored)}
-
-    @classmethod
-    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
-        """Two fp32 copies of the trained weights (importance, anchor): known only with the method,
-        so 0 here; memory.csv has the measured bytes."""
-        return {"replay_buffer": 0, "strategy_state": 0}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"importance": dict(self.importance), "anchor": dict(self.anchor)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.importance = {k: v.clone() for k, v in state.get("importance", {}).items()}
-        self.anchor = {k: v.clone() for k, v in state.get("anchor", {}).items()}
+    def update(self, ctx: TrainContext) -> None:
+        """After a task: ``F = decay_factor * F_old + F_new``, the anchor at the learned weights."""
+        new = squared_gradients(ctx)
+        decay = self.params["decay_factor"]
+        self.importance = {name: decay * self.importance[name] + f if name in self.importance else f
+                           for name, f in new.items()}
+        self.anchor = {name: p.detach().clone() for name, p in trained_parameters(ctx).items()}

@@ -34,10 +34,10 @@ from strategies.base import STRATEGIES
 pytestmark = pytest.mark.slow  # 24 engine runs (~40 s on one core): `make test`, or `-k <method>` while working on one
 
 STRATEGY_PARAMS = {"sequential": {}, "replay": {"buffer_size": 4}, "joint": {}, "ewc": {"ewc_lambda": 10.0},
-                   "lwf": {"alpha": 1.0},
+                   "lwf": {"alpha": 1.0}, "mas": {"lambda_reg": 10.0},
                    "replay+ewc": {"buffer_size": 4, "ewc_lambda": 10.0}}  # and one combination (strategies/combined.py)
 # gradient strategies refuse methods that learn no weights (tests/test_ewc.py, test_lwf.py check the refusal)
-GRADIENT_STRATEGIES, NO_WEIGHTS = {"ewc", "lwf", "replay+ewc"}, {"padim", "patchcore"}
+GRADIENT_STRATEGIES, NO_WEIGHTS = {"ewc", "lwf", "mas", "replay+ewc"}, {"padim", "patchcore"}
 SIZE = 32  # px; EfficientAD's PDN needs at least 64
 SIZES = {"efficientad": 64}
 N_TASKS = 2

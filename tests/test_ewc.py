@@ -14,7 +14,8 @@ from torch.utils.data import TensorDataset
 from clbench.params import ConfigError
 from helpers import engine_run
 from methods.training import train_loop
-from strategies.ewc import EWC, EWCPenalty
+from strategies.ewc import EWC
+from strategies.importance import ImportancePenalty
 
 LAMBDA, DECAY, LR, BATCH = 50.0, 0.7, 0.05, 4
 
@@ -38,7 +39,7 @@ def train_clbench(model: nn.Module, data: list[torch.Tensor], epochs: int = 2) -
     strategy = EWC(ewc_lambda=LAMBDA, decay_factor=DECAY)
     penalties: list[float] = []
 
-    class Spy(EWCPenalty):
+    class Spy(ImportancePenalty):
         def before_backward(self, ctx) -> None:
             super().before_backward(ctx)
             penalties.append(float(ctx.added["ewc"].detach()) if "ewc" in ctx.added else 0.0)
@@ -68,9 +69,9 @@ def train_avalanche(model: nn.Module, data: list[torch.Tensor], epochs: int = 2)
             for i in range(0, len(x), BATCH):
                 batch = x[i:i + BATCH]
                 strategy.loss = reconstruction(model, batch)
-                base = float(strategy.loss)
+                base = float(strategy.loss.detach())
                 plugin.before_backward(strategy)
-                penalties.append(float(strategy.loss) - base)
+                penalties.append(float(strategy.loss.detach()) - base)
                 optimiser.zero_grad()
                 strategy.loss.backward()
                 optimiser.step()
