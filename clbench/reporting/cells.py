@@ -4,6 +4,7 @@ cell's parameters and state, and a complete cell's files checked before anything
 files are read through ``clbench.engine.rundir.RunFolder``."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -41,6 +42,7 @@ class CellInfo:
     version: str | None = None  # the clbench version that wrote the run (env.json), None if unknown
     metrics: "pd.DataFrame | None" = None  # metrics.csv as checked (complete cells), read once
     memory: "pd.DataFrame | None" = None  # memory.csv as checked (complete cells)
+    strategy_params: dict[str, Any] = field(default_factory=dict)  # as written in config.yaml
 
     @property
     def complete(self) -> bool:
@@ -136,6 +138,7 @@ def _params(config: dict[str, Any], env: dict[str, Any], extras: Sequence[str]) 
     params = {
         "method": str(config.get("method", "?")),
         "strategy": str(config.get("strategy", "?")),
+        "strategy_label": str(config.get("strategy", "?")),  # set over all cells by label_strategies
         "buffer_size": _int(strategy_params.get("buffer_size")),
         "seed": _int(config.get("seed")),
         "task_order": str(config.get("task_order", "given")),
@@ -145,6 +148,64 @@ def _params(config: dict[str, Any], env: dict[str, Any], extras: Sequence[str]) 
     for key in extras:
         params[key] = _scalar(_dotted(config, key))
     return params
+
+
+def _strategy_params(config: dict[str, Any]) -> dict[str, Any]:
+    params = config.get("strategy_params")
+    return dict(params) if isinstance(params, dict) else {}
+
+
+# --------------------------------------------------------------------------------------------
+# strategy groups: a strategy and the parameters that tell its cells apart
+# --------------------------------------------------------------------------------------------
+LABEL_ALWAYS = ("buffer_size",)  # the memory axis of a buffer strategy: named even at its default
+
+
+@functools.lru_cache(maxsize=None)
+def _strategy_defaults(strategy: str) -> tuple[tuple[str, Any], ...] | None:
+    """The registered strategy's declared defaults, in declaration order; None for a name this
+    clbench does not know (a strategy of another version, a combination): then every param shows."""
+    try:
+        from strategies.base import STRATEGIES  # only here: the report reads run folders without torch otherwise
+
+        return tuple(STRATEGIES.get(strategy).hyperparameters.items())
+    except Exception:  # noqa: BLE001 - any failure to find the class only makes labels longer
+        return None
+
+
+def _show_value(value: Any) -> str:
+    return str(_scalar(value))
+
+
+def strategy_label(strategy: str, params: dict[str, Any], varying: set[str] = frozenset()) -> str:
+    """``replay(buffer_size=100)``, ``ewc(ewc_lambda=1000)``, ``sequential``: the strategy and the
+    params of its config.yaml that differ from the declared defaults, vary within the sweep
+    (``varying``), or are a buffer size; so two cells share a label exactly when their strategy
+    settings agree, whatever the strategy."""
+    defaults = _strategy_defaults(strategy)
+    declared = dict(defaults) if defaults is not None else {}
+    order = [k for k in declared if k in params] + sorted(k for k in params if k not in declared)
+    shown = []
+    for key in order:
+        value = params[key]
+        differs = defaults is None or key not in declared or not (
+            value == declared[key] or _show_value(value) == _show_value(declared[key]))
+        if differs or key in varying or key in LABEL_ALWAYS:
+            shown.append(f"{key}={_show_value(value)}")
+    return f"{strategy}({', '.join(shown)})" if shown else strategy
+
+
+def label_strategies(cells: Sequence[CellInfo]) -> None:
+    """Set each cell's ``strategy_label`` (a param that takes several values among the cells of one
+    strategy is shown in all of them, so a sweep's labels line up)."""
+    values: dict[tuple[str, str], set[str]] = {}
+    for cell in cells:
+        for key, value in cell.strategy_params.items():
+            values.setdefault((cell.params["strategy"], key), set()).add(_show_value(value))
+    for cell in cells:
+        strategy = cell.params["strategy"]
+        varying = {k for (s, k), seen in values.items() if s == strategy and len(seen) > 1}
+        cell.params["strategy_label"] = strategy_label(strategy, cell.strategy_params, varying)
 
 
 def _version(env: dict[str, Any]) -> str | None:
@@ -170,13 +231,15 @@ def load_cells(sweep_dir: str | Path) -> tuple[list[CellInfo], list[str], str]:
         raise FileNotFoundError(_not_a_sweep(sweep_dir))
     cells = [_load_cell(name, run_dir, spec_config, problem, status.get(name), extras)
              for name, run_dir, spec_config, problem in entries]
+    label_strategies(cells)
     return cells, extras, str(spec.get("name") or sweep_dir.name)
 
 
 def _load_cell(name: str, run_dir: Path, spec_config: dict[str, Any], problem: str, status: Any,
                extras: Sequence[str]) -> CellInfo:
     if problem:
-        return CellInfo(name, run_dir, _params(spec_config, {}, extras), "damaged", note=problem)
+        return CellInfo(name, run_dir, _params(spec_config, {}, extras), "damaged", note=problem,
+                        strategy_params=_strategy_params(spec_config))
     folder = RunFolder(run_dir)
     started = folder.is_started()
     config = (folder.config() or spec_config) if started else spec_config
@@ -205,6 +268,7 @@ def _load_cell(name: str, run_dir: Path, spec_config: dict[str, Any], problem: s
         note = f"{steps} step(s) done, no summary.json"
         cell = CellInfo(name, run_dir, params, "failed" if error else "incomplete",
                         note=f"{error} ({note})" if error else note, tasks=[str(t) for t in tasks])
+    cell.strategy_params = _strategy_params(config)
     profile = config.get("paper_profile")
     cell.paper_profile = profile if isinstance(profile, dict) else None
     return cell
@@ -303,7 +367,7 @@ def _cell_values(cell: CellInfo) -> dict[str, float]:
         for stat in STATS:
             values[f"{metric}_{stat}"] = _number(stats.get(stat))
     nan = float("nan")
-    values.update(memory_mb=nan, method_state_mb=nan, replay_buffer_mb=nan, peak_rss_mb=nan)
+    values.update(memory_mb=nan, method_state_mb=nan, replay_buffer_mb=nan, peak_rss_mb=nan, cl_memory_mb=nan)
     memory = cell.memory
     if memory is not None and not memory.empty:
         final = memory[memory["step"] == memory["step"].max()].groupby("component")["bytes"].sum()
@@ -311,8 +375,15 @@ def _cell_values(cell: CellInfo) -> dict[str, float]:
         replay = float(final.get("replay_buffer", 0.0))
         peak = memory.loc[memory["component"] == "peak_rss", "bytes"]
         values.update(method_state_mb=state / MB, replay_buffer_mb=replay / MB, memory_mb=(state + replay) / MB,
-                      peak_rss_mb=float(peak.max()) / MB if len(peak) else nan)
+                      peak_rss_mb=float(peak.max()) / MB if len(peak) else nan,
+                      cl_memory_mb=sum(float(b) for c, b in final.items() if is_cl_memory(str(c))) / MB)
     return values
+
+
+def is_cl_memory(component: str) -> bool:
+    """Memory spent on continual learning: the replay buffer and whatever a strategy stores
+    (``strategy_state``: EWC's importance and anchor; any future ``strategy_*`` component)."""
+    return component == "replay_buffer" or component.startswith("strategy_")
 
 
 def _started_rows(cell: CellInfo) -> "pd.DataFrame | None":

@@ -5,9 +5,14 @@
 
 * ``runs.csv``   every row of every cell's ``metrics.csv`` plus the cell's parameters (tidy);
 * ``cells.csv``  one row per cell: parameters, status, ACC/BWT/FM per metric, final memory;
-* ``summary.csv`` / ``summary.md`` / ``summary.html``: per (method, strategy, buffer_size, and any
-  other grid key that varies) the mean and sample standard deviation (n - 1) over seeds;
-* ``plots/``     final ACC, FM and memory vs replay buffer size (one line per method, bands =
+* ``summary.csv`` / ``summary.md`` / ``summary.html``: per (method, strategy group, and any other grid
+  key that varies) the mean and sample standard deviation (n - 1) over seeds. A strategy group is
+  the strategy and the params of its config.yaml that tell its cells apart (``strategy_label``:
+  ``replay(buffer_size=100)``, ``ewc(ewc_lambda=1000)``, ``sequential``; ``cells.strategy_label``);
+* ``plots/``     first the main plot: final ACC and FM against ``cl_memory_mb``, the memory spent on
+  continual learning (one line per strategy per method; sequential / joint as markers at 0), so
+  strategies of different kinds compare on one axis; then
+  final ACC, FM and memory vs replay buffer size (one line per method, bands =
   +- std over seeds; sequential and joint as horizontal lower/upper-bound lines) and the
   accuracy-matrix heatmap of each group averaged over its seeds;
 * for a paper-profile sweep (``clbench reproduce``; cells carry ``paper_profile``), the paper's table
@@ -18,7 +23,8 @@
   have (older runs: pixel F1, relative forgetting) shows "n/a".
 
 ACC/BWT/FM are read from each cell's ``summary.json`` (the runner's numbers). Memory is the final
-step's ``method_state + replay_buffer`` bytes and the largest per-step ``peak_rss``. Cells that are
+step's ``method_state + replay_buffer`` bytes and the largest per-step ``peak_rss``; ``cl_memory_mb``
+is the final step's ``replay_buffer`` plus every ``strategy_*`` component (EWC's ``strategy_state``). Cells that are
 not complete are listed as such and left out of the aggregates, with a warning.
 
 A complete cell's files are checked before they are used (``check_complete_cell``): ``metrics.csv``

@@ -1,6 +1,8 @@
-"""The report's plots over a sweep: final ACC, FM and memory vs replay buffer size (one line per
-method, bands = +- std over seeds, sequential / joint as reference lines) and one accuracy-matrix
-heatmap per group averaged over its seeds."""
+"""The report's plots over a sweep. The main one: final ACC and FM against the memory spent on
+continual learning (``cl_memory_mb``: replay buffer + strategy state), one line per strategy family
+per method, so strategies of different kinds compare on one axis. Then final ACC, FM and memory vs
+replay buffer size (one line per method, bands = +- std over seeds, sequential / joint as reference
+lines) and one accuracy-matrix heatmap per group averaged over its seeds."""
 from __future__ import annotations
 
 import math
@@ -8,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from clbench.reporting.cells import CellInfo
-from clbench.reporting.tables import GROUP, _common, _varying
+from clbench.reporting.tables import BUFFER_ERA, GROUP, LABEL, _common, _varying, group_keys
 
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ def _draw_vs_replay(ax, summary: "pd.DataFrame", column: str, variant_keys: Sequ
 
     colours = plt.get_cmap("tab10")
     styles = ["-", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
-    replay = sorted(s for s in summary["strategy"].unique() if s not in BOUNDS)
+    replay = sorted(s for s in summary["strategy"].unique() if s not in BOUNDS and _buffer_strategy(summary, s))
     sizes = sorted({int(b) for b in summary.loc[summary["strategy"].isin(replay), "buffer_size"]})
     variants = summary.drop_duplicates(list(variant_keys))
     for k, (_, variant) in enumerate(variants.iterrows()):
@@ -75,6 +77,82 @@ def _draw_vs_replay(ax, summary: "pd.DataFrame", column: str, variant_keys: Sequ
         ax.set_xticks([])
         ax.set_xlabel("replay buffer size (no replay runs in this sweep: bounds only)")
     ax.grid(True, alpha=0.3)
+
+
+def _buffer_strategy(summary: "pd.DataFrame", strategy: str) -> bool:
+    """A strategy whose cells are drawn over buffer size: replay, or any whose groups name a buffer."""
+    rows = summary[summary["strategy"] == strategy]
+    labels = rows[LABEL].astype(str) if LABEL in rows.columns else []
+    return strategy == "replay" or bool((rows["buffer_size"] > 0).any()) or any("buffer_size=" in t for t in labels)
+
+
+def _draw_vs_cl_memory(ax, summary: "pd.DataFrame", column: str, variant_keys: Sequence[str]) -> None:
+    """One line per strategy family (the strategy name) per method variant, x = mean CL memory, y =
+    mean ``column`` with +- std error bars; sequential and joint (no CL memory) as markers only.
+    The x axis is linear up to the smallest non-zero memory and logarithmic above (symlog), so the
+    zero-memory cells stay on the plot."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    colours = plt.get_cmap("tab10")
+    markers = ["o", "s", "D", "P", "X", "*", "h", "p"]
+    families = sorted(s for s in summary["strategy"].unique() if s not in BOUNDS)
+    variants = summary.drop_duplicates(list(variant_keys))
+    for k, (_, variant) in enumerate(variants.iterrows()):
+        colour = colours(k % colours.N)
+        label = _variant_label(variant, variant_keys)
+        mask = np.logical_and.reduce([summary[key].astype(str) == str(variant[key]) for key in variant_keys])
+        rows = summary[mask]
+        for f, family in enumerate(families):
+            sel = rows[rows["strategy"] == family].sort_values(["cl_memory_mb_mean", LABEL])
+            x, y = sel["cl_memory_mb_mean"].to_numpy(dtype=float), sel[f"{column}_mean"].to_numpy(dtype=float)
+            keep = np.isfinite(x) & np.isfinite(y)
+            if not keep.any():
+                continue
+            e = np.nan_to_num(sel[f"{column}_std"].to_numpy(dtype=float))[keep]
+            ax.errorbar(x[keep], y[keep], yerr=e, color=colour, marker=markers[f % len(markers)], ls="-", lw=1.6,
+                        capsize=3, label=f"{label} {family}")
+        for strategy, marker in (("sequential", "v"), ("joint", "^")):
+            sel = rows[rows["strategy"] == strategy]
+            x, y = sel["cl_memory_mb_mean"].to_numpy(dtype=float), sel[f"{column}_mean"].to_numpy(dtype=float)
+            keep = np.isfinite(x) & np.isfinite(y)
+            if keep.any():
+                e = np.nan_to_num(sel[f"{column}_std"].to_numpy(dtype=float))[keep]
+                ax.errorbar(x[keep], y[keep], yerr=e, color=colour, marker=marker, ms=9, ls="none", capsize=3,
+                            label=f"{label} {strategy} ({BOUNDS[strategy]})")
+    memory = summary["cl_memory_mb_mean"].to_numpy(dtype=float)
+    positive = memory[np.isfinite(memory) & (memory > 0)]
+    if positive.size:
+        low, high = float(positive.min()), float(positive.max())
+        ax.set_xscale("symlog", linthresh=low)
+        ax.set_xlim(-0.5 * low, 2.0 * high)  # room for the markers at 0 and at the largest memory
+        decades = range(math.ceil(math.log10(low)), math.floor(math.log10(2.0 * high)) + 1)
+        ax.set_xticks([0.0, *(10.0 ** k for k in decades)])  # 0, then decades clear of it
+    else:
+        ax.set_xticks([0.0])  # bounds only (or no memory recorded)
+    ax.set_xlabel("CL memory, MB (replay buffer + strategy state)")
+    ax.grid(True, alpha=0.3)
+
+
+def plot_vs_cl_memory(summary: "pd.DataFrame", metric: str, out_path: Path, *, title: str,
+                      variant_keys: Sequence[str]) -> Path:
+    """The report's main plot: final ACC (left) and FM (right) of ``metric`` against CL memory."""
+    import matplotlib.pyplot as plt
+
+    from clbench.reporting.plots import _save_atomic
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, stat, ylabel in ((axes[0], "acc", f"final {metric} (ACC)"),
+                             (axes[1], "fm", f"forgetting FM of {metric} (higher = more)")):
+        if f"{metric}_{stat}_mean" in summary.columns:
+            _draw_vs_cl_memory(ax, summary, f"{metric}_{stat}", variant_keys)
+        ax.set_ylabel(ylabel)
+    handles, labels = axes[0].get_legend_handles_labels()  # ACC's: joint has no FM, but has an ACC
+    if handles:
+        axes[1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(top=0.82, wspace=0.3)
+    return _save_atomic(fig, out_path)
 
 
 def _finish(fig, ax, title: str) -> None:
@@ -129,7 +207,7 @@ def plot_group_heatmaps(cells: Sequence[CellInfo], summary: "pd.DataFrame", extr
 
     from clbench.reporting.plots import plot_accuracy_heatmap
 
-    group = [*GROUP, *extras]
+    group = group_keys(extras)
     varying = _varying(summary, [*GROUP[3:], *extras])
     written = []
     for _, row in summary.iterrows():
@@ -153,16 +231,25 @@ def plot_group_heatmaps(cells: Sequence[CellInfo], summary: "pd.DataFrame", extr
             continue
         n = len(members)
         what = f"{row['method']} (mean of {n} seed{'s' if n != 1 else ''}" + (", tasks by stream position)" if by_position else ")")
-        info = {"method": what, "strategy": row["strategy"], "backbone": row["backbone"],
+        legacy = row["strategy"] in BUFFER_ERA
+        info = {"method": what, "strategy": row["strategy"] if legacy else row[LABEL], "backbone": row["backbone"],
                 "pretrained": row["pretrained"] if isinstance(row["pretrained"], bool) else None,
                 "replay_size": int(row["buffer_size"]), "tasks": tasks}
         parts = [str(row["method"]), str(row["strategy"])]
-        if row["strategy"] not in BOUNDS or int(row["buffer_size"]):
+        if row["strategy"] == "replay" or int(row["buffer_size"]) or "buffer_size=" in str(row[LABEL]):
             parts.append(f"buffer{int(row['buffer_size'])}")
+        parts += [p.replace("=", "") for p in _label_params(str(row[LABEL]), str(row["strategy"]))
+                  if not p.startswith("buffer_size=")]
         parts += [f"{k.split('.')[-1]}{row[k]}" for k in varying]
         out = out_dir / f"heatmap_{metric}_{_slug('-'.join(parts))}.png"
         written.append(plot_accuracy_heatmap(merged, out, metric=metric, title_info=info))
     return written
+
+
+def _label_params(label: str, strategy: str) -> list[str]:
+    """``["ewc_lambda=1000"]`` from ``ewc(ewc_lambda=1000)``: the params a group label names."""
+    inner = label[len(strategy) + 1:-1] if label.startswith(strategy + "(") and label.endswith(")") else ""
+    return [p.strip() for p in inner.split(", ") if p.strip()]
 
 
 def write_plots(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str], metric: str,
@@ -171,6 +258,11 @@ def write_plots(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], e
     common = _common(summary, [], extras)
     sub = f"{name} · mean ± std over seeds" + (f" · {common}" if common else "")
     written = []
+    if f"{metric}_acc_mean" in summary.columns and "cl_memory_mb_mean" in summary.columns:
+        written.append(plot_vs_cl_memory(summary, metric, out_dir / f"acc_fm_vs_cl_memory_{metric}.png",
+                                         variant_keys=variant_keys,
+                                         title=f"Final {metric} (ACC) and forgetting (FM) vs memory spent on "
+                                               f"continual learning\n{sub}"))
     if f"{metric}_acc_mean" in summary.columns:
         written.append(plot_vs_replay(summary, f"{metric}_acc", out_dir / f"acc_vs_replay_{metric}.png",
                                       ylabel=f"final {metric} (ACC)", variant_keys=variant_keys,

@@ -15,9 +15,27 @@ if TYPE_CHECKING:
     import pandas as pd
 
 METRICS = ("pixel_auroc", "image_auroc", "pixel_aupro")
-PARAMS = ("method", "strategy", "buffer_size", "seed", "task_order", "backbone", "pretrained")
+PARAMS = ("method", "strategy", "strategy_label", "buffer_size", "seed", "task_order", "backbone", "pretrained")
 GROUP = ("method", "strategy", "buffer_size", "task_order", "backbone", "pretrained")
-MEMORY = ("memory_mb", "method_state_mb", "replay_buffer_mb", "peak_rss_mb")
+LABEL = "strategy_label"  # strategy + its telling params (cells.strategy_label): a group key beside GROUP
+MEMORY = ("memory_mb", "method_state_mb", "replay_buffer_mb", "peak_rss_mb", "cl_memory_mb")
+BUFFER_ERA = {"sequential", "joint", "replay"}  # strategies the buffer-size table layout describes fully
+
+
+def group_keys(extras: Sequence[str]) -> list[str]:
+    """What a summary row is the mean over seeds of: the standard keys, the strategy label, the extras."""
+    return [*GROUP, LABEL, *extras]
+
+
+def leading_keys(summary: "pd.DataFrame") -> list[str]:
+    """The table's first columns: method | strategy | buffer while every group is sequential, joint or
+    replay over buffer_size (the label says nothing more); otherwise method | strategy label."""
+    if LABEL not in summary.columns:
+        return ["method", "strategy", "buffer_size"]
+    buffer_era = all(
+        s in BUFFER_ERA and label in (s, f"{s}(buffer_size={b})")
+        for s, label, b in zip(summary["strategy"].astype(str), summary[LABEL].astype(str), summary["buffer_size"]))
+    return ["method", "strategy", "buffer_size"] if buffer_era else ["method", LABEL]
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,7 +87,7 @@ def summarize_cells(cells: "pd.DataFrame", extras: Sequence[str]) -> "pd.DataFra
     """Mean and sample std (n - 1) over seeds per group of complete cells."""
     import pandas as pd
 
-    group = [*GROUP, *extras]
+    group = group_keys(extras)
     done = cells[cells["status"] == "complete"]
     values = [c for c in [f"{m}_{s}" for m in _metrics_in(done) for s in STATS] + list(MEMORY) if c in done.columns]
     if done.empty:
@@ -132,11 +150,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right:
 
 
 def _table(summary: "pd.DataFrame", metric: str, keys: Sequence[str], memory: bool) -> tuple[list[str], list[list[str]], list[bool]]:
-    headers = [("buffer" if k == "buffer_size" else k) for k in keys] + ["seeds", "ACC", "BWT", "FM"]
+    names = {"buffer_size": "buffer", LABEL: "strategy"}
+    headers = [names.get(k, k) for k in keys] + ["seeds", "ACC", "BWT", "FM"]
     right = [k == "buffer_size" for k in keys] + [True, False, False, False]
     if memory:
-        headers += ["memory MB", "peak RSS MB"]
-        right += [True, True]
+        headers += ["memory MB", "peak RSS MB", "CL memory MB"]
+        right += [True, True, True]
     rows = []
     for _, r in summary.iterrows():
         row = [str(r[k]) for k in keys] + [str(int(r["n_seeds"]))]
@@ -145,6 +164,8 @@ def _table(summary: "pd.DataFrame", metric: str, keys: Sequence[str], memory: bo
         if memory:
             row.append(_fmt(r.get("memory_mb_mean"), r.get("memory_mb_std"), digits=1))
             row.append(_fmt(r.get("peak_rss_mb_mean"), r.get("peak_rss_mb_std"), digits=0))
+            cl = r.get("cl_memory_mb_mean")  # a small replay buffer (4 images at 64 px: 0.049 MB) must not read 0.0
+            row.append(_fmt(cl, r.get("cl_memory_mb_std"), digits=1 if cl is None or not 0 < abs(cl) < 1 else 3))
         rows.append(row)
     return headers, rows, right
 
@@ -165,11 +186,12 @@ def _common(summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence
 
 def render_markdown(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str],
                     metric: str, plots: Sequence[Path], out_dir: Path) -> str:
-    keys = ["method", "strategy", "buffer_size", *_varying(summary, [*GROUP[3:], *extras])]
+    keys = [*leading_keys(summary), *_varying(summary, [*GROUP[3:], *extras])]
     complete = sum(c.complete for c in cells)
     lines = [f"# Sweep report: {name}", "",
              f"{complete} of {len(cells)} cells complete · mean ± std over seeds (sample std, n−1) · "
-             "memory = final method state + replay buffer, MB = 10^6 bytes · peak RSS = largest per-step peak", ""]
+             "memory = final method state + replay buffer · CL memory = memory spent on continual learning (final "
+             "replay buffer + strategy state) · MB = 10^6 bytes · peak RSS = largest per-step peak", ""]
     common = _common(summary, cells, extras)
     if common:
         lines += [f"common: {common}", ""]
@@ -189,11 +211,12 @@ def render_html(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], e
                 metric: str, plots: Sequence[Path], out_dir: Path) -> str:
     import pandas as pd
 
-    keys = ["method", "strategy", "buffer_size", *_varying(summary, [*GROUP[3:], *extras])]
+    keys = [*leading_keys(summary), *_varying(summary, [*GROUP[3:], *extras])]
     complete = sum(c.complete for c in cells)
     parts = [f"<h1>Sweep report: {html.escape(name)}</h1>",
              f"<p>{complete} of {len(cells)} cells complete · mean ± std over seeds (sample std, n−1) · memory = final "
-             "method state + replay buffer, MB = 10<sup>6</sup> bytes · peak RSS = largest per-step peak</p>"]
+             "method state + replay buffer · CL memory = memory spent on continual learning (final replay buffer + "
+             "strategy state) · MB = 10<sup>6</sup> bytes · peak RSS = largest per-step peak</p>"]
     common = _common(summary, cells, extras)
     if common:
         parts.append(f"<p>common: {html.escape(common)}</p>")
