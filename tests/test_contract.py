@@ -34,10 +34,10 @@ from strategies.base import STRATEGIES
 pytestmark = pytest.mark.slow  # 24 engine runs (~40 s on one core): `make test`, or `-k <method>` while working on one
 
 STRATEGY_PARAMS = {"sequential": {}, "replay": {"buffer_size": 4}, "joint": {}, "ewc": {"ewc_lambda": 10.0},
-                   "lwf": {"alpha": 1.0}, "mas": {"lambda_reg": 10.0},
+                   "lwf": {"alpha": 1.0}, "mas": {"lambda_reg": 10.0}, "der": {"buffer_size": 4, "alpha": 0.5},
                    "replay+ewc": {"buffer_size": 4, "ewc_lambda": 10.0}}  # and one combination (strategies/combined.py)
 # gradient strategies refuse methods that learn no weights (tests/test_ewc.py, test_lwf.py check the refusal)
-GRADIENT_STRATEGIES, NO_WEIGHTS = {"ewc", "lwf", "mas", "replay+ewc"}, {"padim", "patchcore"}
+GRADIENT_STRATEGIES, NO_WEIGHTS = {"ewc", "lwf", "mas", "der", "replay+ewc"}, {"padim", "patchcore"}
 SIZE = 32  # px; EfficientAD's PDN needs at least 64
 SIZES = {"efficientad": 64}
 N_TASKS = 2
@@ -234,7 +234,7 @@ def check_memory_components_present(run: ContractRun) -> None:
         assert MEMORY_COMPONENTS <= set(sizes), f"step {step}: missing {sorted(MEMORY_COMPONENTS - set(sizes))}"
         assert all(int(v) == v >= 0 for v in sizes.values()), f"step {step}: {sizes}"
         assert sizes["model_trainable"] + sizes["model_frozen"] > 0 and sizes["peak_rss"] > 0
-        replays = "replay" in run.strategy.split("+")
+        replays = bool({"replay", "der"} & set(run.strategy.split("+")))  # strategies that keep images
         assert (sizes["replay_buffer"] > 0) == replays, f"step {step}: {sizes['replay_buffer']}"
 
 

@@ -1,0 +1,113 @@
+"""DER++ for anomaly detectors: replay images together with the model's own outputs on them.
+
+Dark Experience Replay++ (Buzzega et al. 2020) keeps a buffer of past inputs *and the outputs the
+model gave them when they were stored*, and adds two terms to every training batch's loss:
+
+* ``alpha`` times the mean squared error between the current outputs on a minibatch drawn from the
+  buffer and the stored ones (the "dark knowledge" of the old model, kept without a copy of it);
+* ``beta`` times the method's own loss on a second buffer minibatch. Here that second term is
+  replay's "B+B" mixing (strategies/replay.py): every training batch already carries B buffered
+  images in the method's loss, i.e. ``beta = 1`` in the paper's notation (a method's loss is a mean
+  over its batch, so the weight is fixed by the mix; a separate ``beta`` would need a second loss
+  call per batch).
+
+The outputs are each method's trained outputs (``AnomalyMethod.continual_outputs``: student
+features, descriptors, flow latents, reconstructions), stored in fp32 after the step that put an
+image into the buffer (eval mode, no gradients) and dropped when the image leaves it. They are the
+strategy's ``strategy_state`` in memory.csv, beside the images' ``replay_buffer``. Avalanche's DER
+distils classifier logits, so this is native. Methods that learn no weights are refused.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from clbench.data import Batch, SampleSet
+from clbench.params import NON_NEGATIVE, ConfigError, Param
+from methods.base import AnomalyMethod
+from methods.training import Callback, TrainContext
+from strategies.base import STRATEGIES, Experience
+from strategies.replaying import ReplayBase
+
+
+class DarkReplay(Callback):
+    """The ``alpha`` term per batch: outputs on a buffer minibatch against the stored ones."""
+
+    def __init__(self, strategy: DER) -> None:
+        self.strategy = strategy
+
+    def before_backward(self, ctx: TrainContext) -> None:
+        s = self.strategy
+        if not s.outputs or ctx.method is None:
+            return
+        batch = s.buffer.sample(len(ctx.batch))
+        current = ctx.method.continual_outputs(batch)
+        loss = None
+        for key, value in current.items():
+            stored = torch.stack([s.outputs[k][key] for k in batch.keys]).to(value.device)
+            term = (value.float() - stored).pow(2).mean()
+            loss = term if loss is None else loss + term
+        ctx.add_loss("der", s.params["alpha"] * loss)
+
+
+@STRATEGIES.register("der")
+class DER(ReplayBase):
+    """Replay whose buffer also keeps the model's outputs on its images (module docstring)."""
+
+    hyperparameters = {
+        **{key: Param(ReplayBase.hyperparameters[key], ReplayBase.parameter_constraints[key]) for key in ReplayBase.hyperparameters},
+        "alpha": Param(0.5, NON_NEGATIVE, "weight of the stored-output distillation (DER++'s alpha)"),
+    }
+
+    def __init__(self, seed: int = 0, **params: Any) -> None:
+        super().__init__(seed, **params)
+        self.outputs: dict[str, dict[str, torch.Tensor]] = {}  # buffer key -> output name -> tensor (no batch dim)
+
+    def check_method(self, method: AnomalyMethod) -> None:
+        if not any(p.requires_grad for p in method.parameters()):
+            raise ConfigError(f"strategy '{self.name}' needs a method trained by gradient descent; "
+                              f"'{method.name}' learns no weights (use sequential, replay or joint)")
+
+    def callbacks(self, experience: Experience) -> list[Callback]:
+        return [DarkReplay(self)]
+
+    def train(self, method: AnomalyMethod, experience: Experience, current: SampleSet, val: SampleSet) -> None:
+        super().train(method, experience, current, val)  # learns the step, then updates the buffer
+        self._store_outputs(method)
+
+    @torch.no_grad()
+    def _store_outputs(self, method: AnomalyMethod) -> None:
+        """Outputs of the images that entered the buffer at this step; those that left are dropped."""
+        kept = set(self.buffer.keys)
+        self.outputs = {key: value for key, value in self.outputs.items() if key in kept}
+        new = [i for i, key in enumerate(self.buffer.keys) if key not in self.outputs]
+        training = method.training
+        method.eval()
+        for start in range(0, len(new), 32):
+            rows = new[start:start + 32]
+            keys = [self.buffer.keys[i] for i in rows]
+            pixels = self.buffer.pixels[rows]
+            batch = Batch(pixels, keys, torch.zeros(len(rows), dtype=torch.int64),
+                          torch.zeros(len(rows), *pixels.shape[-2:], dtype=torch.bool))
+            values = method.continual_outputs(batch)
+            for j, key in enumerate(keys):
+                self.outputs[key] = {name: value[j].detach().float().cpu().clone() for name, value in values.items()}
+        method.train(training)
+
+    def memory_components(self) -> dict[str, int]:
+        stored = sum(t.numel() * t.element_size() for entry in self.outputs.values() for t in entry.values())
+        return super().memory_components() | {"strategy_state": stored}
+
+    @classmethod
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
+        """The images as replay's; the stored outputs depend on the method, so 0 here (memory.csv has them)."""
+        return super().analytic_memory({k: v for k, v in params.items() if k != "alpha"}, image_size) | {"strategy_state": 0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"outputs": {key: dict(value) for key, value in self.outputs.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.outputs = {key: {name: t.clone() for name, t in value.items()}
+                        for key, value in state.get("outputs", {}).items()}
