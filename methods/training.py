@@ -171,7 +171,7 @@ class TrainResult:
     skipped_steps: int = 0  # optimiser steps the fp16 GradScaler skipped (inf/NaN gradients)
 
 
-def _sum_parts(value: LossValue) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def sum_parts(value: LossValue) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss and its named parts; a dict is summed in its order (first + second + ...)."""
     if isinstance(value, torch.Tensor):
         return value, {}
@@ -237,7 +237,7 @@ def train_loop(
         part_totals: dict[str, float] = {}
         for batch in batches(epoch):
             with precision.autocast():
-                loss, parts = _sum_parts(loss_fn(batch))
+                loss, parts = sum_parts(loss_fn(batch))
             ctx.batch, ctx.loss, ctx.parts, ctx.added = batch, loss, parts, {}
             for callback in callbacks:
                 callback.before_backward(ctx)
@@ -360,7 +360,7 @@ def held_out_loss(method: AnomalyMethod, data: TaskData, loss_fn: LossFn, batch_
     total, count = 0.0, 0
     for batch in data.val.batches(batch_size):
         with precision.autocast():
-            total += float(_sum_parts(loss_fn(batch))[0]) * len(batch)
+            total += float(sum_parts(loss_fn(batch))[0]) * len(batch)
         count += len(batch)
     return total / count
 

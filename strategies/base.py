@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from clbench.data import Batch, SampleSet
 from clbench.engine import seeding
 from clbench.engine.tasks import as_schedule, step_label
-from clbench.params import Parameterised
+from clbench.params import ConfigError, Parameterised
 from clbench.registry import Registry
 from methods.base import AnomalyMethod, TaskData, TrainStream
 from methods.training import Callback
@@ -80,6 +81,8 @@ class Strategy(Parameterised, ABC):
     # "data": decides what the method trains on (sequential, replay, joint); "regulariser": only adds to
     # the training loop through callbacks (ewc). A combination "a+b" has at most one data part.
     role: ClassVar[str] = "data"
+    # True for strategies that act through the gradient-training loop (penalties, distillation)
+    needs_gradients: ClassVar[bool] = False
     hyperparameters: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, seed: int = 0, **params: Any) -> None:
@@ -93,8 +96,12 @@ class Strategy(Parameterised, ABC):
         of steps, each a tuple of categories: ``clbench.engine.tasks.as_schedule``)."""
 
     def check_method(self, method: AnomalyMethod) -> None:
-        """Refuse, with one line (``ConfigError``), a method this strategy cannot work with (a
-        gradient penalty on a method that learns no weights); called before the run starts."""
+        """Refuse, with one line (``ConfigError``), a method this strategy cannot work with; called
+        before the run starts. By default: a strategy that ``needs_gradients`` refuses a method that
+        learns no weights (PaDiM, PatchCore)."""
+        if self.needs_gradients and not any(p.requires_grad for p in method.parameters()):
+            raise ConfigError(f"strategy '{self.name}' needs a method trained by gradient descent; "
+                              f"'{method.name}' learns no weights (use sequential, replay or joint)")
 
     def training_stream(self, experience: Experience, current: SampleSet) -> TrainStream:
         """The data the method trains on at this step; plain strategies pass the current data."""
@@ -137,3 +144,26 @@ class Strategy(Parameterised, ABC):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict`` returned (a replay buffer's contents)."""
+
+
+class Regulariser(Strategy):
+    """A strategy that only adds to the training loop (a penalty, a distillation): sequential steps
+    alone, or the data part's steps in a combination (``replay+ewc``: strategies/combined.py)."""
+
+    role = "regulariser"
+    needs_gradients = True
+
+    def experiences(self, tasks: Sequence[Any]) -> list[Experience]:
+        return Experience.stream(tasks)
+
+
+class StrategyCallback(Callback):
+    """A training-loop hook that reads and updates its strategy's state."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes the tensors occupy (a strategy's ``strategy_state`` in memory.csv)."""
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -67,11 +67,14 @@ class ReplayBuffer(ABC):
 
     def sample(self, n: int) -> Batch:
         """n random stored images (without replacement, seeded) as a training batch."""
-        rows = torch.randperm(len(self), generator=self.generator)[: min(n, len(self))]
+        return self.batch(torch.randperm(len(self), generator=self.generator)[: min(n, len(self))].tolist())
+
+    def batch(self, rows: Sequence[int]) -> Batch:
+        """The stored images at ``rows`` as a training batch (good images: label 0, empty masks)."""
         size = self.pixels.shape[-1]
         return Batch(
-            pixels=self.pixels[rows],
-            keys=[self.keys[i] for i in rows.tolist()],
+            pixels=self.pixels[list(rows)],
+            keys=[self.keys[i] for i in rows],
             labels=torch.zeros(len(rows), dtype=torch.int64),
             masks=torch.zeros(len(rows), size, size, dtype=torch.bool),
         )

@@ -23,19 +23,16 @@ from typing import Any, Mapping
 
 import torch
 
-from clbench.data import Batch, SampleSet
-from clbench.params import NON_NEGATIVE, ConfigError, Param
+from clbench.data import SampleSet
+from clbench.params import NON_NEGATIVE, Param
 from methods.base import AnomalyMethod
 from methods.training import Callback, TrainContext
-from strategies.base import STRATEGIES, Experience
+from strategies.base import STRATEGIES, Experience, StrategyCallback, tensor_bytes
 from strategies.replaying import ReplayBase
 
 
-class DarkReplay(Callback):
+class DarkReplay(StrategyCallback):
     """The ``alpha`` term per batch: outputs on a buffer minibatch against the stored ones."""
-
-    def __init__(self, strategy: DER) -> None:
-        self.strategy = strategy
 
     def before_backward(self, ctx: TrainContext) -> None:
         s = self.strategy
@@ -55,6 +52,8 @@ class DarkReplay(Callback):
 class DER(ReplayBase):
     """Replay whose buffer also keeps the model's outputs on its images (module docstring)."""
 
+    needs_gradients = True
+
     hyperparameters = {
         **{key: Param(ReplayBase.hyperparameters[key], ReplayBase.parameter_constraints[key]) for key in ReplayBase.hyperparameters},
         "alpha": Param(0.5, NON_NEGATIVE, "weight of the stored-output distillation (DER++'s alpha)"),
@@ -63,11 +62,6 @@ class DER(ReplayBase):
     def __init__(self, seed: int = 0, **params: Any) -> None:
         super().__init__(seed, **params)
         self.outputs: dict[str, dict[str, torch.Tensor]] = {}  # buffer key -> output name -> tensor (no batch dim)
-
-    def check_method(self, method: AnomalyMethod) -> None:
-        if not any(p.requires_grad for p in method.parameters()):
-            raise ConfigError(f"strategy '{self.name}' needs a method trained by gradient descent; "
-                              f"'{method.name}' learns no weights (use sequential, replay or joint)")
 
     def callbacks(self, experience: Experience) -> list[Callback]:
         return [DarkReplay(self)]
@@ -86,17 +80,14 @@ class DER(ReplayBase):
         method.eval()
         for start in range(0, len(new), 32):
             rows = new[start:start + 32]
-            keys = [self.buffer.keys[i] for i in rows]
-            pixels = self.buffer.pixels[rows]
-            batch = Batch(pixels, keys, torch.zeros(len(rows), dtype=torch.int64),
-                          torch.zeros(len(rows), *pixels.shape[-2:], dtype=torch.bool))
+            batch = self.buffer.batch(rows)
             values = method.continual_outputs(batch)
-            for j, key in enumerate(keys):
+            for j, key in enumerate(batch.keys):
                 self.outputs[key] = {name: value[j].detach().float().cpu().clone() for name, value in values.items()}
         method.train(training)
 
     def memory_components(self) -> dict[str, int]:
-        stored = sum(t.numel() * t.element_size() for entry in self.outputs.values() for t in entry.values())
+        stored = tensor_bytes(t for entry in self.outputs.values() for t in entry.values())
         return super().memory_components() | {"strategy_state": stored}
 
     @classmethod

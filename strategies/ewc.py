@@ -22,33 +22,9 @@ from __future__ import annotations
 import torch
 
 from clbench.params import FRACTION, NON_NEGATIVE, Param
-from methods.training import TrainContext, _sum_parts
+from methods.training import TrainContext, sum_parts
 from strategies.base import STRATEGIES
-from strategies.importance import ImportanceStrategy, trained_parameters
-
-
-def squared_gradients(ctx: TrainContext) -> dict[str, torch.Tensor]:
-    """Mean over the task's training batches of each trained parameter's squared loss gradient.
-
-    The batches are the loop's own (``ctx.batches(0)``: epoch 0's order, the method's ``prepare``
-    applied), the loss is the method's, at the training precision, the modules in eval mode
-    (Avalanche 0.6); the gradients are cleared afterwards."""
-    params = trained_parameters(ctx)
-    sums = {name: torch.zeros_like(p) for name, p in params.items()}
-    for module in ctx.modules:
-        module.eval()
-    count = 0
-    for batch in ctx.batches(0):
-        ctx.optimiser.zero_grad(set_to_none=True)
-        with ctx.precision.autocast():
-            loss, _ = _sum_parts(ctx.loss_fn(batch))
-        loss.float().backward()
-        for name, p in params.items():
-            if p.grad is not None:
-                sums[name] += p.grad.detach().float().pow(2)
-        count += 1
-    ctx.optimiser.zero_grad(set_to_none=True)
-    return {name: total / max(count, 1) for name, total in sums.items()}
+from strategies.importance import ImportanceStrategy, mean_gradient_statistic
 
 
 @STRATEGIES.register("ewc")
@@ -64,10 +40,10 @@ class EWC(ImportanceStrategy):
     def penalty_weight(self) -> float:
         return self.params["ewc_lambda"]
 
-    def update(self, ctx: TrainContext) -> None:
-        """After a task: ``F = decay_factor * F_old + F_new``, the anchor at the learned weights."""
-        new = squared_gradients(ctx)
-        decay = self.params["decay_factor"]
-        self.importance = {name: decay * self.importance[name] + f if name in self.importance else f
-                           for name, f in new.items()}
-        self.anchor = {name: p.detach().clone() for name, p in trained_parameters(ctx).items()}
+    def estimate(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        """The empirical Fisher: mean squared gradient of the method's loss, in eval mode (Avalanche 0.6)."""
+        return mean_gradient_statistic(ctx, lambda batch: sum_parts(ctx.loss_fn(batch))[0],
+                                       lambda grad: grad.pow(2), train_mode=False)
+
+    def accumulate(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return self.params["decay_factor"] * old + new

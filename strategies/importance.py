@@ -1,19 +1,17 @@
 """What EWC and MAS share: a quadratic penalty ``weight * sum_i importance_i (w_i - w*_i)^2`` on the
 trained weights, anchored at the weights after the latest task; the strategies differ in how the
-importance is estimated after each task (``update``) and in their parameters (strategies/ewc.py,
+importance is estimated after each task (``estimate``, ``accumulate``) and in their parameters (strategies/ewc.py,
 strategies/mas.py). Not a strategy itself (nothing registers here)."""
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from clbench.params import ConfigError
-from methods.base import AnomalyMethod
 from methods.training import Callback, TrainContext
-from strategies.base import Experience, Strategy
+from strategies.base import Experience, Regulariser, StrategyCallback, tensor_bytes
 
 
 def trained_parameters(ctx: TrainContext) -> dict[str, nn.Parameter]:
@@ -22,12 +20,43 @@ def trained_parameters(ctx: TrainContext) -> dict[str, nn.Parameter]:
     return {name: p for name, p in ctx.method.named_parameters() if id(p) in in_optimiser}
 
 
-class ImportancePenalty(Callback):
-    """An importance-weighted quadratic penalty's hooks in one fit (EWC here, MAS in strategies/mas.py):
-    the penalty per batch, the strategy's ``update`` (importance and anchor) after the task."""
+def mean_gradient_statistic(ctx: TrainContext, objective: Callable[[Any], torch.Tensor],
+                            statistic: Callable[[torch.Tensor], torch.Tensor], train_mode: bool) -> dict[str, torch.Tensor]:
+    """Mean over the task's training batches of ``statistic(gradient of objective(batch))`` per trained
+    weight (Avalanche's importance loops: EWC's squared loss gradient, MAS's absolute output-norm one).
 
-    def __init__(self, strategy: ImportanceStrategy) -> None:
-        self.strategy = strategy
+    The batches are the loop's own (``ctx.batches(0)``: epoch 0's order, the method's ``prepare``
+    applied), at the training precision. The modules run in ``train_mode``; in train mode the
+    method's buffers (batch-norm statistics) are restored afterwards, so the pass leaves the learned
+    model as it was. The gradients are cleared; the modules end in eval mode, as training leaves them."""
+    params = trained_parameters(ctx)
+    sums = {name: torch.zeros_like(p) for name, p in params.items()}
+    buffers = {name: b.detach().clone() for name, b in ctx.method.named_buffers()} if train_mode else {}
+    for module in ctx.modules:
+        module.train(train_mode)
+    count = 0
+    for batch in ctx.batches(0):
+        ctx.optimiser.zero_grad(set_to_none=True)
+        with ctx.precision.autocast():
+            value = objective(batch)
+        value.float().backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                sums[name] += statistic(p.grad.detach().float())
+        count += 1
+    ctx.optimiser.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, b in ctx.method.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
+    for module in ctx.modules:
+        module.eval()
+    return {name: total / max(count, 1) for name, total in sums.items()}
+
+
+class ImportancePenalty(StrategyCallback):
+    """An importance-weighted quadratic penalty's hooks in one fit: the penalty per batch, the
+    strategy's ``update`` (anchor and importance) after the task."""
 
     def before_backward(self, ctx: TrainContext) -> None:
         s = self.strategy
@@ -50,10 +79,9 @@ class ImportancePenalty(Callback):
             self.strategy.update(ctx)
 
 
-class ImportanceStrategy(Strategy):
-    """Sequential steps (or a combination's data) with an importance-weighted quadratic penalty."""
-
-    role = "regulariser"
+class ImportanceStrategy(Regulariser):
+    """Sequential steps (or a combination's data) with an importance-weighted quadratic penalty;
+    a subclass says how the importance is estimated and accumulated, and the penalty's weight."""
 
     def __init__(self, seed: int = 0, **params: Any) -> None:
         super().__init__(seed, **params)
@@ -66,23 +94,25 @@ class ImportanceStrategy(Strategy):
         """The penalty's weight (EWC's ewc_lambda, MAS's lambda_reg)."""
 
     @abstractmethod
+    def estimate(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        """The importance of each trained weight for the task just learned."""
+
+    @abstractmethod
+    def accumulate(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """The importance after this task from the previous one and this task's."""
+
     def update(self, ctx: TrainContext) -> None:
-        """After a task: the accumulated importance and the anchor at the learned weights."""
-
-    def experiences(self, tasks: Sequence[Any]) -> list[Experience]:
-        return Experience.stream(tasks)
-
-    def check_method(self, method: AnomalyMethod) -> None:
-        if not any(p.requires_grad for p in method.parameters()):
-            raise ConfigError(f"strategy '{self.name}' needs a method trained by gradient descent; "
-                              f"'{method.name}' learns no weights (use sequential, replay or joint)")
+        """After a task: the anchor at the learned weights, the importance accumulated."""
+        self.anchor = {name: p.detach().clone() for name, p in trained_parameters(ctx).items()}
+        new = self.estimate(ctx)
+        self.importance = {name: self.accumulate(self.importance[name], value) if name in self.importance else value
+                           for name, value in new.items()}
 
     def callbacks(self, experience: Experience) -> list[Callback]:
         return [ImportancePenalty(self)]
 
     def memory_components(self) -> dict[str, int]:
-        stored = [*self.importance.values(), *self.anchor.values()]
-        return {"replay_buffer": 0, "strategy_state": sum(t.numel() * t.element_size() for t in stored)}
+        return {"replay_buffer": 0, "strategy_state": tensor_bytes([*self.importance.values(), *self.anchor.values()])}
 
     @classmethod
     def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:

@@ -17,15 +17,15 @@ cannot be used unchanged (it distils logits of a classifier), so this is native.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from clbench.params import NON_NEGATIVE, ConfigError, Param
+from clbench.params import NON_NEGATIVE, Param
 from methods.base import AnomalyMethod
 from methods.training import Callback, TrainContext
-from strategies.base import STRATEGIES, Experience, Strategy
+from strategies.base import STRATEGIES, Experience, Regulariser, StrategyCallback, tensor_bytes
 
 
 class _Outputs(nn.Module):
@@ -54,17 +54,16 @@ def old_outputs(method: AnomalyMethod, weights: Mapping[str, torch.Tensor], batc
             module.training = modes[name]
 
 
-class Distillation(Callback):
-    """The penalty per batch; the old weights are taken once per task, before its first batch."""
-
-    def __init__(self, strategy: LwF) -> None:
-        self.strategy = strategy
+class Distillation(StrategyCallback):
+    """The penalty per batch; the old weights are taken after each task, for the next one."""
 
     def before_backward(self, ctx: TrainContext) -> None:
         s = self.strategy
         if not s.previous or ctx.method is None:
             return
         old = old_outputs(ctx.method, s.previous, ctx.batch)
+        # the trained part's forward again (the method's loss does not hand back its outputs): the
+        # frozen backbone's features come from its cache, so only the trained network runs twice
         new = ctx.method.continual_outputs(ctx.batch)
         loss = sum((new[key].float() - old[key].float()).pow(2).mean() for key in new)
         ctx.add_loss("lwf", s.params["alpha"] * loss)
@@ -88,10 +87,9 @@ def trained_state(method: AnomalyMethod) -> dict[str, torch.Tensor]:
 
 
 @STRATEGIES.register("lwf")
-class LwF(Strategy):
+class LwF(Regulariser):
     """Sequential steps with distillation of the previous model's outputs on the new images (module docstring)."""
 
-    role = "regulariser"
     hyperparameters = {
         "alpha": Param(1.0, NON_NEGATIVE, "weight of the distillation loss (Avalanche's alpha)"),
     }
@@ -100,20 +98,11 @@ class LwF(Strategy):
         super().__init__(seed, **params)
         self.previous: dict[str, torch.Tensor] = {}
 
-    def experiences(self, tasks: Sequence[Any]) -> list[Experience]:
-        return Experience.stream(tasks)
-
-    def check_method(self, method: AnomalyMethod) -> None:
-        if not any(p.requires_grad for p in method.parameters()):
-            raise ConfigError(f"strategy 'lwf' needs a method trained by gradient descent; "
-                              f"'{method.name}' learns no weights (use sequential, replay or joint)")
-
     def callbacks(self, experience: Experience) -> list[Callback]:
         return [Distillation(self)]
 
     def memory_components(self) -> dict[str, int]:
-        return {"replay_buffer": 0,
-                "strategy_state": sum(t.numel() * t.element_size() for t in self.previous.values())}
+        return {"replay_buffer": 0, "strategy_state": tensor_bytes(self.previous.values())}
 
     @classmethod
     def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:

@@ -22,7 +22,7 @@ import torch
 from clbench.params import FRACTION, NON_NEGATIVE, Param
 from methods.training import TrainContext
 from strategies.base import STRATEGIES
-from strategies.importance import ImportanceStrategy, trained_parameters
+from strategies.importance import ImportanceStrategy, mean_gradient_statistic
 
 
 def output_norm(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -33,32 +33,6 @@ def output_norm(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         term = out.float().pow(2).mean() if out.dim() == 1 else torch.norm(out.float(), p="fro", dim=1).pow(2).mean()
         total = term if total is None else total + term
     return total
-
-
-def output_sensitivity(ctx: TrainContext) -> dict[str, torch.Tensor]:
-    """Mean over the task's training batches of ``|gradient of output_norm|`` per trained weight."""
-    params = trained_parameters(ctx)
-    sums = {name: torch.zeros_like(p) for name, p in params.items()}
-    buffers = {name: b.detach().clone() for name, b in ctx.method.named_buffers()}
-    for module in ctx.modules:
-        module.train()
-    count = 0
-    for batch in ctx.batches(0):
-        ctx.optimiser.zero_grad(set_to_none=True)
-        with ctx.precision.autocast():
-            norm = output_norm(ctx.method.continual_outputs(batch))
-        norm.backward()
-        for name, p in params.items():
-            if p.grad is not None:
-                sums[name] += p.grad.detach().float().abs()
-        count += 1
-    ctx.optimiser.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for name, b in ctx.method.named_buffers():
-            b.copy_(buffers[name])
-    for module in ctx.modules:
-        module.eval()
-    return {name: total / max(count, 1) for name, total in sums.items()}
 
 
 @STRATEGIES.register("mas")
@@ -74,9 +48,11 @@ class MAS(ImportanceStrategy):
     def penalty_weight(self) -> float:
         return self.params["lambda_reg"]
 
-    def update(self, ctx: TrainContext) -> None:
-        self.anchor = {name: p.detach().clone() for name, p in trained_parameters(ctx).items()}
-        new = output_sensitivity(ctx)
+    def estimate(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        """Mean absolute gradient of ``output_norm`` of the trained outputs, in train mode (Avalanche)."""
+        return mean_gradient_statistic(ctx, lambda batch: output_norm(ctx.method.continual_outputs(batch)),
+                                       torch.abs, train_mode=True)
+
+    def accumulate(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         a = self.params["alpha"]
-        self.importance = {name: a * self.importance[name] + (1 - a) * value if name in self.importance else value
-                           for name, value in new.items()}
+        return a * old + (1 - a) * new
