@@ -153,3 +153,60 @@ def after_step_then_die(self, experience, *args, **kwargs):
 strategy.after_step = after_step_then_die
 sys.exit(main(sys.argv[2:]))
 """
+
+
+# -- strategies against Avalanche's plugins: the same SGD steps on both sides ----------------------
+def reconstruction_loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A tiny autoencoder's loss: what both sides train in the plugin comparisons."""
+    return (model(x) - x).pow(2).mean()
+
+
+def train_with_strategy(strategy, model: torch.nn.Module, tasks: list[torch.Tensor], *, epochs: int, batch: int,
+                        lr: float) -> list[float]:
+    """clbench's trainer (``train_loop``) over ``tasks`` with the strategy's callbacks; the strategy's
+    loss part (``loss/<its name>``) at every batch, 0 where there is none."""
+    from methods.training import Callback, train_loop
+
+    penalties: list[float] = []
+
+    class Record(Callback):
+        def before_backward(self, ctx) -> None:
+            term = ctx.added.get(strategy.name)
+            penalties.append(0.0 if term is None else float(term.detach()))
+
+    for x in tasks:
+        optimiser = torch.optim.SGD(model.parameters(), lr=lr)
+        train_loop(lambda b: reconstruction_loss(model, b), optimiser, epochs=epochs,
+                   batches=lambda epoch: [x[i:i + batch] for i in range(0, len(x), batch)],
+                   modules=[model], callbacks=[*strategy.callbacks(None), Record()], method=model)
+    return penalties
+
+
+def train_with_avalanche_plugin(plugin, model: torch.nn.Module, tasks: list[torch.Tensor], *, epochs: int, batch: int,
+                                lr: float, **attributes) -> list[float]:
+    """The same SGD steps with an Avalanche plugin driven through its hooks as its training template
+    does (``before_backward`` per batch, ``after_training_exp`` per task), on a stand-in for the
+    template holding what the plugin reads (``attributes``: e.g. EWC's ``_criterion``); the penalty
+    the plugin added at every batch."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    penalties: list[float] = []
+    for t, x in enumerate(tasks):
+        optimiser = torch.optim.SGD(model.parameters(), lr=lr)
+        template = SimpleNamespace(clock=SimpleNamespace(train_exp_counter=t), model=model, device="cpu",
+                                   optimizer=optimiser, train_mb_size=batch, **attributes,
+                                   experience=SimpleNamespace(dataset=TensorDataset(x, x, torch.zeros(len(x)))))
+        for _ in range(epochs):
+            model.train()
+            for i in range(0, len(x), batch):
+                template.loss = reconstruction_loss(model, x[i:i + batch])
+                before = float(template.loss.detach())
+                plugin.before_backward(template)
+                penalties.append(float(template.loss.detach()) - before)
+                optimiser.zero_grad()
+                template.loss.backward()
+                optimiser.step()
+        plugin.after_training_exp(template)
+    return penalties

@@ -3,19 +3,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from clbench.params import ConfigError
-from helpers import engine_run
-from methods.training import train_loop
+from helpers import engine_run, reconstruction_loss, train_with_avalanche_plugin, train_with_strategy
 from strategies.ewc import EWC
-from strategies.importance import ImportancePenalty
 
 LAMBDA, DECAY, LR, BATCH = 50.0, 0.7, 0.05, 4
 
@@ -31,63 +27,19 @@ def tasks() -> list[torch.Tensor]:
     return [torch.rand(8, 3, 6, 6, generator=g) + shift for shift in (0.0, 1.5, -1.0)]
 
 
-def reconstruction(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return (model(x) - x).pow(2).mean()
-
-
-def train_clbench(model: nn.Module, data: list[torch.Tensor], epochs: int = 2) -> tuple[EWC, list[float]]:
-    strategy = EWC(ewc_lambda=LAMBDA, decay_factor=DECAY)
-    penalties: list[float] = []
-
-    class Spy(ImportancePenalty):
-        def before_backward(self, ctx) -> None:
-            super().before_backward(ctx)
-            penalties.append(float(ctx.added["ewc"].detach()) if "ewc" in ctx.added else 0.0)
-
-    for x in data:
-        optimiser = torch.optim.SGD(model.parameters(), lr=LR)
-        train_loop(lambda batch: reconstruction(model, batch), optimiser, epochs=epochs,
-                   batches=lambda epoch: [x[i:i + BATCH] for i in range(0, len(x), BATCH)],
-                   modules=[model], callbacks=[Spy(strategy)], method=model)
-    return strategy, penalties
-
-
-def train_avalanche(model: nn.Module, data: list[torch.Tensor], epochs: int = 2):
-    """The same SGD steps with Avalanche's EWCPlugin driven through its hooks, as its template does."""
-    from avalanche.training.plugins import EWCPlugin
-
-    plugin = EWCPlugin(ewc_lambda=LAMBDA, mode="online", decay_factor=DECAY)
-    penalties: list[float] = []
-    for t, x in enumerate(data):
-        optimiser = torch.optim.SGD(model.parameters(), lr=LR)
-        strategy = SimpleNamespace(clock=SimpleNamespace(train_exp_counter=t), model=model, device="cpu",
-                                   optimizer=optimiser, train_mb_size=BATCH,
-                                   _criterion=lambda out, y: (out - y).pow(2).mean(),
-                                   experience=SimpleNamespace(dataset=TensorDataset(x, x, torch.zeros(len(x)))))
-        for _ in range(epochs):
-            model.train()
-            for i in range(0, len(x), BATCH):
-                batch = x[i:i + BATCH]
-                strategy.loss = reconstruction(model, batch)
-                base = float(strategy.loss.detach())
-                plugin.before_backward(strategy)
-                penalties.append(float(strategy.loss.detach()) - base)
-                optimiser.zero_grad()
-                strategy.loss.backward()
-                optimiser.step()
-        model.eval()
-        plugin.after_training_exp(strategy)
-    last = len(data) - 1
-    return plugin.importances[last], plugin.saved_params[last], penalties
-
-
 def test_online_ewc_equals_avalanches_plugin_step_by_step() -> None:
     """Three tasks, two epochs each: the same penalties at every batch, the same weights after
     training, the same accumulated importances and anchors (Avalanche 0.6, mode='online')."""
     pytest.importorskip("avalanche")
+    from avalanche.training.plugins import EWCPlugin
+
     ours_model, theirs_model = tiny_model(), tiny_model()
-    ours, ours_penalties = train_clbench(ours_model, tasks())
-    importances, anchors, theirs_penalties = train_avalanche(theirs_model, tasks())
+    ours = EWC(ewc_lambda=LAMBDA, decay_factor=DECAY)
+    ours_penalties = train_with_strategy(ours, ours_model, tasks(), epochs=2, batch=BATCH, lr=LR)
+    plugin = EWCPlugin(ewc_lambda=LAMBDA, mode="online", decay_factor=DECAY)
+    theirs_penalties = train_with_avalanche_plugin(plugin, theirs_model, tasks(), epochs=2, batch=BATCH, lr=LR,
+                                                   _criterion=lambda out, y: (out - y).pow(2).mean())
+    importances, anchors = plugin.importances[len(tasks()) - 1], plugin.saved_params[len(tasks()) - 1]
     assert ours_penalties[:4] == [0.0] * 4 and max(ours_penalties) > 1e-4  # no penalty on task 0, then one
     assert ours_penalties == pytest.approx(theirs_penalties, rel=1e-5, abs=1e-9)
     for (name, p), (_, q) in zip(ours_model.named_parameters(), theirs_model.named_parameters()):
@@ -102,12 +54,13 @@ def test_importance_is_the_mean_squared_gradient_and_leaves_the_model_as_it_was(
     """Brute force with torch.autograd.grad on a copy; batch-norm statistics untouched."""
     model = tiny_model()
     x = tasks()[0]
-    ours, _ = train_clbench(model, [x], epochs=1)
+    ours = EWC(ewc_lambda=LAMBDA, decay_factor=DECAY)
+    train_with_strategy(ours, model, [x], epochs=1, batch=BATCH, lr=LR)
     reference = copy.deepcopy(model).eval()
     expected = {name: torch.zeros_like(p) for name, p in reference.named_parameters()}
     batches = [x[i:i + BATCH] for i in range(0, len(x), BATCH)]
     for batch in batches:
-        grads = torch.autograd.grad(reconstruction(reference, batch), list(reference.parameters()))
+        grads = torch.autograd.grad(reconstruction_loss(reference, batch), list(reference.parameters()))
         for (name, _), grad in zip(reference.named_parameters(), grads):
             expected[name] += grad.pow(2) / len(batches)
     for name, value in expected.items():

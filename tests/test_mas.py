@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from helpers import engine_run
-from methods.training import train_loop
-from strategies.importance import ImportancePenalty
+from helpers import engine_run, train_with_avalanche_plugin, train_with_strategy
 from strategies.mas import MAS
 
 LAMBDA, ALPHA, LR, BATCH = 20.0, 0.3, 0.05, 4
@@ -38,45 +34,14 @@ def tasks() -> list[torch.Tensor]:
     return [torch.rand(8, 3, 6, 6, generator=g) + shift for shift in (0.0, 1.5, -1.0)]
 
 
-def loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return (model(x) - x).pow(2).mean()
-
-
 def test_mas_equals_avalanches_plugin_step_by_step() -> None:
     pytest.importorskip("avalanche")
     from avalanche.training.plugins import MASPlugin
 
     ours_model, theirs_model = Net(), Net()
-    strategy, ours_penalties = MAS(lambda_reg=LAMBDA, alpha=ALPHA), []
-
-    class Spy(ImportancePenalty):
-        def before_backward(self, ctx) -> None:
-            super().before_backward(ctx)
-            ours_penalties.append(float(ctx.added["mas"].detach()) if "mas" in ctx.added else 0.0)
-
-    for x in tasks():
-        optimiser = torch.optim.SGD(ours_model.parameters(), lr=LR)
-        train_loop(lambda batch: loss(ours_model, batch), optimiser, epochs=2,
-                   batches=lambda epoch: [x[i:i + BATCH] for i in range(0, len(x), BATCH)],
-                   modules=[ours_model], callbacks=[Spy(strategy)], method=ours_model)
-
-    plugin, theirs_penalties = MASPlugin(lambda_reg=LAMBDA, alpha=ALPHA), []
-    for t, x in enumerate(tasks()):
-        optimiser = torch.optim.SGD(theirs_model.parameters(), lr=LR)
-        state = SimpleNamespace(clock=SimpleNamespace(train_exp_counter=t), model=theirs_model, device="cpu",
-                                optimizer=optimiser, train_mb_size=BATCH,
-                                experience=SimpleNamespace(dataset=TensorDataset(x, x, torch.zeros(len(x)))))
-        for _ in range(2):
-            theirs_model.train()
-            for i in range(0, len(x), BATCH):
-                state.loss = loss(theirs_model, x[i:i + BATCH])
-                base = float(state.loss.detach())
-                plugin.before_backward(state)
-                theirs_penalties.append(float(state.loss.detach()) - base)
-                optimiser.zero_grad()
-                state.loss.backward()
-                optimiser.step()
-        plugin.after_training_exp(state)
+    strategy, plugin = MAS(lambda_reg=LAMBDA, alpha=ALPHA), MASPlugin(lambda_reg=LAMBDA, alpha=ALPHA)
+    ours_penalties = train_with_strategy(strategy, ours_model, tasks(), epochs=2, batch=BATCH, lr=LR)
+    theirs_penalties = train_with_avalanche_plugin(plugin, theirs_model, tasks(), epochs=2, batch=BATCH, lr=LR)
 
     assert ours_penalties[:4] == [0.0] * 4 and max(ours_penalties) > 1e-5
     assert ours_penalties == pytest.approx(theirs_penalties, rel=1e-5, abs=1e-9)
