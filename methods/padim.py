@@ -67,13 +67,9 @@ def split_channels(index: torch.Tensor, channels: list[int]) -> list[list[int]]:
     return out
 
 
-def regularised_covariance(scatter: torch.Tensor, count: int, epsilon: float) -> torch.Tensor:
-    """Unbiased covariance ``scatter / (count - 1) + epsilon * I`` (PaDiM eq. 1), (P, d, d), new tensor."""
-    return regularise_(scatter.clone(), count, epsilon)
-
-
 def regularise_(scatter: torch.Tensor, count: int, epsilon: float) -> torch.Tensor:
-    """``regularised_covariance`` computed in the scatter's own storage (no 1.5 GB copy for WRN50-2)."""
+    """Unbiased covariance ``scatter / (count - 1) + epsilon * I`` (PaDiM eq. 1), (P, d, d), computed
+    in the scatter's own storage (no 1.5 GB copy for WRN50-2)."""
     scatter.div_(max(count - 1, 1))
     scatter.diagonal(dim1=-2, dim2=-1).add_(epsilon)
     return scatter
@@ -87,7 +83,7 @@ def spd_inverse(
     Chunked, so the float64 temporaries are ``INVERSE_CHUNK`` matrices, and written into ``out`` when
     given (which may be ``matrices`` itself: each chunk is read before it is overwritten), so the
     caller's peak is its own tensors. With ``count``, the matrices are scatters and the inverse is
-    that of ``regularised_covariance(matrices, count, epsilon)``, formed chunk by chunk.
+    that of ``regularise_(matrices, count, epsilon)``, formed chunk by chunk.
     """
     if out is None:
         out = torch.empty_like(matrices, dtype=torch.float32)
