@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from clbench.reporting.cells import CellInfo
 from clbench.reporting.tables import BUFFER_ERA, GROUP, LABEL, _common, _varying, group_keys
@@ -27,22 +27,26 @@ def _variant_label(row: "pd.Series", variant_keys: Sequence[str]) -> str:
     return str(row["method"]) + (f" ({', '.join(extras)})" if extras else "")
 
 
-def _draw_vs_replay(ax, summary: "pd.DataFrame", column: str, variant_keys: Sequence[str]) -> None:
-    """Replay-like strategies as lines over buffer size (band = ± std; one size = a point with an
-    error bar); sequential / joint as horizontal reference lines, in the same colour per method."""
+def _variants(summary: "pd.DataFrame", variant_keys: Sequence[str]) -> Iterator[tuple[Any, str, "pd.DataFrame"]]:
+    """Each method variant's colour, legend label and summary rows (one colour per variant, every plot)."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     colours = plt.get_cmap("tab10")
+    for k, (_, variant) in enumerate(summary.drop_duplicates(list(variant_keys)).iterrows()):
+        mask = np.logical_and.reduce([summary[key].astype(str) == str(variant[key]) for key in variant_keys])
+        yield colours(k % colours.N), _variant_label(variant, variant_keys), summary[mask]
+
+
+def _draw_vs_replay(ax, summary: "pd.DataFrame", column: str, variant_keys: Sequence[str]) -> None:
+    """Replay-like strategies as lines over buffer size (band = ± std; one size = a point with an
+    error bar); sequential / joint as horizontal reference lines, in the same colour per method."""
+    import numpy as np
+
     styles = ["-", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
     replay = sorted(s for s in summary["strategy"].unique() if s not in BOUNDS and _buffer_strategy(summary, s))
     sizes = sorted({int(b) for b in summary.loc[summary["strategy"].isin(replay), "buffer_size"]})
-    variants = summary.drop_duplicates(list(variant_keys))
-    for k, (_, variant) in enumerate(variants.iterrows()):
-        colour = colours(k % colours.N)
-        label = _variant_label(variant, variant_keys)
-        mask = np.logical_and.reduce([summary[key].astype(str) == str(variant[key]) for key in variant_keys])
-        rows = summary[mask]
+    for colour, label, rows in _variants(summary, variant_keys):
         for s, strategy in enumerate(replay):
             sel = rows[rows["strategy"] == strategy].sort_values("buffer_size")
             y = sel[f"{column}_mean"].to_numpy(dtype=float)
@@ -91,18 +95,11 @@ def _draw_vs_cl_memory(ax, summary: "pd.DataFrame", column: str, variant_keys: S
     mean ``column`` with +- std error bars; sequential and joint (no CL memory) as markers only.
     The x axis is linear up to the smallest non-zero memory and logarithmic above (symlog), so the
     zero-memory cells stay on the plot."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    colours = plt.get_cmap("tab10")
     markers = ["o", "s", "D", "P", "X", "*", "h", "p"]
     families = sorted(s for s in summary["strategy"].unique() if s not in BOUNDS)
-    variants = summary.drop_duplicates(list(variant_keys))
-    for k, (_, variant) in enumerate(variants.iterrows()):
-        colour = colours(k % colours.N)
-        label = _variant_label(variant, variant_keys)
-        mask = np.logical_and.reduce([summary[key].astype(str) == str(variant[key]) for key in variant_keys])
-        rows = summary[mask]
+    for colour, label, rows in _variants(summary, variant_keys):
         for f, family in enumerate(families):
             sel = rows[rows["strategy"] == family].sort_values(["cl_memory_mb_mean", LABEL])
             x, y = sel["cl_memory_mb_mean"].to_numpy(dtype=float), sel[f"{column}_mean"].to_numpy(dtype=float)
