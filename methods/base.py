@@ -96,6 +96,10 @@ class AnomalyMethod(nn.Module, Parameterised, ABC):
     params_key: ClassVar[str] = "method_params"
     kind: ClassVar[str] = "method"
     hyperparameters: ClassVar[Mapping[str, Any]] = {}
+    # True for a method whose training reads images only through its frozen backbones'
+    # ``features(batch)`` (no augmentation, no pixels): it can train on stored features instead of
+    # images (latent replay, strategies/latent_replay.py), and ``latent_inputs`` gives them
+    trains_on_frozen_features: ClassVar[bool] = False
     # ``optimizer_state`` is interpreted here (``task_optimiser``): its constraint holds for every method
     shared_constraints: ClassVar[Mapping[str, Any]] = {"optimizer_state": Options(*OPTIMIZER_STATES)}
 
@@ -125,6 +129,14 @@ class AnomalyMethod(nn.Module, Parameterised, ABC):
         weights, in the method's current mode: what LwF / DER++ distil and MAS differentiates (strategies/). Methods
         that learn no weights have none."""
         raise NotImplementedError(f"method '{self.name}' has no trained outputs to distil")
+
+    def latent_inputs(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
+        """What the trained part reads of a batch, for a method that ``trains_on_frozen_features``:
+        each frozen backbone's features, by its ``latent_key`` (``Batch.latents``). A batch that
+        carries them trains the method exactly as its images would."""
+        if not self.trains_on_frozen_features:
+            raise NotImplementedError(f"method '{self.name}' trains on images, not on frozen-backbone features")
+        return {backbone.latent_key: backbone.features(batch) for backbone in self.frozen_backbones()}
 
     def frozen_backbones(self) -> list[FrozenBackbone]:
         """The shared frozen backbones this method uses (counted as its frozen parameters)."""

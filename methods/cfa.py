@@ -142,6 +142,7 @@ def softmin_score(distances: torch.Tensor, k: int) -> torch.Tensor:
 
 @METHODS.register("cfa")
 class CFA(AnomalyMethod):
+    trains_on_frozen_features = True  # the descriptor reads only the frozen backbone's features (latent replay)
     hyperparameters = {
         "backbone": Param("wide_resnet50_2", BACKBONE),
         "layers": Param(["layer1", "layer2", "layer3"], LAYERS),

@@ -107,8 +107,12 @@ class Strategy(Parameterised, ABC):
         """The data the method trains on at this step; plain strategies pass the current data."""
         return current
 
-    def after_step(self, experience: Experience, current: SampleSet) -> None:
-        """Hook after the method learned a step (a replay buffer stores samples here)."""
+    def before_step(self, method: AnomalyMethod, experience: Experience) -> None:
+        """Hook before the method learns a step (latent replay binds its buffer to the method)."""
+
+    def after_step(self, experience: Experience, current: SampleSet, method: AnomalyMethod | None = None) -> None:
+        """Hook after the method learned a step (a replay buffer stores samples here; DER++ stores the
+        method's outputs on them: ``method`` is the one that learned, None where a caller has none)."""
 
     def callbacks(self, experience: Experience) -> list[Callback]:
         """Hooks the method's training loop runs at this step (``methods.training.Callback``): how a
@@ -117,6 +121,7 @@ class Strategy(Parameterised, ABC):
         return []
 
     def train(self, method: AnomalyMethod, experience: Experience, current: SampleSet, val: SampleSet) -> None:
+        self.before_step(method, experience)
         data = TaskData(
             step=experience.step,
             task_names=experience.task_names,
@@ -126,7 +131,7 @@ class Strategy(Parameterised, ABC):
             callbacks=self.callbacks(experience),
         )
         method.fit_task(data)
-        self.after_step(experience, current)
+        self.after_step(experience, current, method)
 
     def _with_progress(self, stream: TrainStream, label: str) -> TrainStream:
         return ProgressStream(stream, label) if self.progress else stream

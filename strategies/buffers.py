@@ -1,7 +1,9 @@
 """Replay storage policies: which training images a replay buffer keeps (Avalanche's "storage policy").
 
 Images are kept as uint8 tensors at the training resolution, so the buffer's memory is what its
-tensors occupy (300 images at 224 px = 300*3*224*224 B = 45.2 MB, seed 003).
+tensors occupy (300 images at 224 px = 300*3*224*224 B = 45.2 MB, seed 003). What is stored per
+kept image is the buffer's ``codec``: the image itself (``ImageCodec``, replay), or its frozen-backbone
+features (latent replay's codec, strategies/latent_replay.py); the policies choose the same images either way.
 
 Why not Avalanche's ``ExperienceBalancedBuffer`` / ``ReservoirSamplingBuffer``: they keep index
 views of ``AvalancheDataset`` objects and update from an Avalanche strategy object
@@ -13,20 +15,54 @@ and their state is plain tensors that go into the run's checkpoint.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
 from clbench.data import Batch, SampleSet
 
 
-class ReplayBuffer(ABC):
-    """A fixed-capacity set of training images (uint8, (N, 3, S, S)) with their keys and tasks."""
+class ItemCodec(Protocol):
+    """What a buffer stores per kept training image, and how stored items become a training batch."""
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
+    def encode(self, samples: SampleSet, indices: Sequence[int]) -> torch.Tensor: ...
+
+    def batch(self, items: torch.Tensor, keys: list[str]) -> Batch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class ImageCodec:
+    """What an image replay buffer stores of a training image: its uint8 pixels (3, S, S)."""
+
+    def encode(self, samples: SampleSet, indices: Sequence[int]) -> torch.Tensor:
+        """The stored items (one row per sample) of ``samples.samples[i]`` for i in ``indices``."""
+        return torch.stack([samples.store.image(samples.samples[i]) for i in indices])
+
+    def batch(self, items: torch.Tensor, keys: list[str]) -> Batch:
+        """Stored items as a training batch (good images: label 0, empty masks)."""
+        size = items.shape[-1]
+        return Batch(pixels=items, keys=keys, labels=torch.zeros(len(keys), dtype=torch.int64),
+                     masks=torch.zeros(len(keys), size, size, dtype=torch.bool))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore: an image needs no layout."""
+
+
+class ReplayBuffer(ABC):
+    """A fixed-capacity set of training images with their keys and tasks; ``items`` holds what the
+    codec stores of each (by default the uint8 image, (N, 3, S, S))."""
+
+    def __init__(self, capacity: int, seed: int = 0, codec: ItemCodec | None = None) -> None:
         self.capacity = capacity  # >= 0: checked with the strategy's parameters (Replay.hyperparameters)
         self.generator = torch.Generator().manual_seed(seed)
-        self.pixels = torch.empty(0, dtype=torch.uint8)
+        self.codec = codec if codec is not None else ImageCodec()
+        self.items = torch.empty(0, dtype=torch.uint8)
         self.keys: list[str] = []
         self.tasks: list[str] = []
 
@@ -44,15 +80,15 @@ class ReplayBuffer(ABC):
             self.update(task, samples)
 
     def _keep(self, rows: list[int]) -> None:
-        self.pixels = self.pixels[rows].clone() if rows else self.pixels[:0]
+        self.items = self.items[rows].clone() if rows else self.items[:0]
         self.keys = [self.keys[i] for i in rows]
         self.tasks = [self.tasks[i] for i in rows]
 
     def _append(self, task: str, samples: SampleSet, indices: list[int]) -> None:
         if not indices:
             return
-        new = torch.stack([samples.store.image(samples.samples[i]) for i in indices])
-        self.pixels = new if len(self) == 0 else torch.cat([self.pixels, new])
+        new = self.codec.encode(samples, indices)
+        self.items = new if len(self) == 0 else torch.cat([self.items, new])
         self.keys += [samples.samples[i].key for i in indices]
         self.tasks += [task] * len(indices)
 
@@ -63,28 +99,23 @@ class ReplayBuffer(ABC):
         return out
 
     def nbytes(self) -> int:
-        return self.pixels.numel() * self.pixels.element_size()
+        return self.items.numel() * self.items.element_size()
 
     def sample(self, n: int) -> Batch:
-        """n random stored images (without replacement, seeded) as a training batch."""
+        """n random stored items (without replacement, seeded) as a training batch."""
         return self.batch(torch.randperm(len(self), generator=self.generator)[: min(n, len(self))].tolist())
 
     def batch(self, rows: Sequence[int]) -> Batch:
-        """The stored images at ``rows`` as a training batch (good images: label 0, empty masks)."""
-        size = self.pixels.shape[-1]
-        return Batch(
-            pixels=self.pixels[list(rows)],
-            keys=[self.keys[i] for i in rows],
-            labels=torch.zeros(len(rows), dtype=torch.int64),
-            masks=torch.zeros(len(rows), size, size, dtype=torch.bool),
-        )
+        """The stored items at ``rows`` as a training batch (the codec's: images, or latents)."""
+        return self.codec.batch(self.items[list(rows)], [self.keys[i] for i in rows])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pixels": self.pixels, "keys": list(self.keys), "tasks": list(self.tasks),
-                "generator": self.generator.get_state()}
+        return {"items": self.items, "keys": list(self.keys), "tasks": list(self.tasks),
+                "generator": self.generator.get_state(), "codec": self.codec.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.pixels = state["pixels"]
+        self.items = state["items"] if "items" in state else state["pixels"]  # "pixels": checkpoints before latent replay
+        self.codec.load_state_dict(state.get("codec", {}))
         self.keys = list(state["keys"])
         self.tasks = list(state["tasks"])
         self.generator.set_state(state["generator"])
@@ -104,8 +135,8 @@ class BalancedBuffer(ReplayBuffer):
     give a 10-category base step as many images as a later one-category step, its categories
     each a tenth as many."""
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        super().__init__(capacity, seed)
+    def __init__(self, capacity: int, seed: int = 0, codec: ItemCodec | None = None) -> None:
+        super().__init__(capacity, seed, codec)
         self.learned: list[str] = []  # tracked apart from the contents: a task may hold 0 images
 
     def update(self, task: str, samples: SampleSet) -> None:
@@ -140,8 +171,8 @@ class ReservoirBuffer(ReplayBuffer):
     """Reservoir sampling over every training image seen: each is kept with probability
     capacity / seen (Vitter's algorithm R), so the buffer is a uniform sample of the stream."""
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        super().__init__(capacity, seed)
+    def __init__(self, capacity: int, seed: int = 0, codec: ItemCodec | None = None) -> None:
+        super().__init__(capacity, seed, codec)
         self.seen = 0
 
     def update(self, task: str, samples: SampleSet) -> None:
@@ -153,7 +184,7 @@ class ReservoirBuffer(ReplayBuffer):
             slot = int(torch.randint(0, self.seen, (1,), generator=self.generator))
             if slot < self.capacity:
                 sample = samples.samples[index]
-                self.pixels[slot] = samples.store.image(sample)
+                self.items[slot] = self.codec.encode(samples, [index])[0]
                 self.keys[slot] = sample.key
                 self.tasks[slot] = task
 

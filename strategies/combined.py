@@ -7,8 +7,8 @@ regulariser once; the parts keep their own parameters, state and memory:
 
 * ``strategy_params`` is split by the part that declares each key (a key two parts declare is refused,
   so every value has one meaning); defaults and checks are the parts' own;
-* experiences, training stream and buffer updates are the data part's; callbacks and the method
-  check are every part's; memory components are summed by name; the checkpoint keeps each part's
+* experiences, training stream and buffer updates are the data part's; callbacks, the method
+  check and the step hooks (``before_step``, ``after_step``) are every part's; memory components are summed by name; the checkpoint keeps each part's
   state under its name.
 
 Built on demand by ``STRATEGIES.get("a+b")`` (``strategies.base.StrategyRegistry``); nothing is
@@ -48,9 +48,13 @@ class Combined(Strategy):
     def training_stream(self, experience: Experience, current: SampleSet) -> TrainStream:
         return self.data.training_stream(experience, current)
 
-    def after_step(self, experience: Experience, current: SampleSet) -> None:
+    def before_step(self, method: AnomalyMethod, experience: Experience) -> None:
         for member in self.members:
-            member.after_step(experience, current)
+            member.before_step(method, experience)
+
+    def after_step(self, experience: Experience, current: SampleSet, method: AnomalyMethod | None = None) -> None:
+        for member in self.members:
+            member.after_step(experience, current, method)
 
     def callbacks(self, experience: Experience) -> list[Callback]:
         return [callback for member in self.members for callback in member.callbacks(experience)]

@@ -66,8 +66,11 @@ class DER(ReplayBase):
     def callbacks(self, experience: Experience) -> list[Callback]:
         return [DarkReplay(self)]
 
-    def train(self, method: AnomalyMethod, experience: Experience, current: SampleSet, val: SampleSet) -> None:
-        super().train(method, experience, current, val)  # learns the step, then updates the buffer
+    def after_step(self, experience: Experience, current: SampleSet, method: AnomalyMethod | None = None) -> None:
+        """The buffer update, then the outputs of the images that entered it (a combination's member too)."""
+        super().after_step(experience, current, method)
+        if method is None:
+            raise ValueError("der: after_step needs the method whose outputs it stores")
         self._store_outputs(method)
 
     @torch.no_grad()

@@ -9,8 +9,9 @@ import torch
 from clbench.data import Batch, SampleSet
 from clbench.engine import seeding
 from clbench.params import NON_NEGATIVE_INT, Options, Param
+from methods.base import AnomalyMethod
 from strategies.base import Experience, Strategy
-from strategies.buffers import POLICIES, ReplayBuffer, replay_bytes
+from strategies.buffers import POLICIES, ItemCodec, ReplayBuffer, replay_bytes
 
 
 def concat(a: Batch, b: Batch) -> Batch:
@@ -63,7 +64,11 @@ class ReplayBase(Strategy):
 
     def __init__(self, seed: int = 0, **params: Any) -> None:
         super().__init__(seed, **params)
-        self.buffer = POLICIES[self.params["policy"]](self.params["buffer_size"], seeding.buffer_seed(seed))
+        self.buffer = POLICIES[self.params["policy"]](self.params["buffer_size"], seeding.buffer_seed(seed), self.codec())
+
+    def codec(self) -> ItemCodec | None:
+        """What the buffer stores per kept image (None: the image, ``buffers.ImageCodec``)."""
+        return None
 
     def experiences(self, tasks: Sequence[Any]) -> list[Experience]:
         return Experience.stream(tasks)
@@ -71,7 +76,7 @@ class ReplayBase(Strategy):
     def training_stream(self, experience: Experience, current: SampleSet):
         return ReplayStream(current, self.buffer)
 
-    def after_step(self, experience: Experience, current: SampleSet) -> None:
+    def after_step(self, experience: Experience, current: SampleSet, method: AnomalyMethod | None = None) -> None:
         """The step's categories are offered one by one (the balanced policy balances per category)."""
         self.buffer.update_step(by_category(experience, current))
 

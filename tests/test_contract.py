@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow  # 24 engine runs (~40 s on one core): `make test`
 
 STRATEGY_PARAMS = {"sequential": {}, "replay": {"buffer_size": 4}, "joint": {}, "ewc": {"ewc_lambda": 10.0},
                    "lwf": {"alpha": 1.0}, "mas": {"lambda_reg": 10.0}, "der": {"buffer_size": 4, "alpha": 0.5},
+                   "latent_replay": {"buffer_size": 4},  # only methods that train on frozen features (test_latent_replay.py)
                    "replay+ewc": {"buffer_size": 4, "ewc_lambda": 10.0}}  # and one combination (strategies/combined.py)
 # gradient strategies refuse methods that learn no weights (tests/test_ewc.py, test_lwf.py check the refusal)
 GRADIENT_STRATEGIES, NO_WEIGHTS = {"ewc", "lwf", "mas", "der", "replay+ewc"}, {"padim", "patchcore"}
@@ -234,7 +235,7 @@ def check_memory_components_present(run: ContractRun) -> None:
         assert MEMORY_COMPONENTS <= set(sizes), f"step {step}: missing {sorted(MEMORY_COMPONENTS - set(sizes))}"
         assert all(int(v) == v >= 0 for v in sizes.values()), f"step {step}: {sizes}"
         assert sizes["model_trainable"] + sizes["model_frozen"] > 0 and sizes["peak_rss"] > 0
-        replays = bool({"replay", "der"} & set(run.strategy.split("+")))  # strategies that keep images
+        replays = bool({"replay", "der", "latent_replay"} & set(run.strategy.split("+")))  # strategies with a buffer
         assert (sizes["replay_buffer"] > 0) == replays, f"step {step}: {sizes['replay_buffer']}"
 
 
@@ -302,6 +303,8 @@ def contract_cases() -> Iterator[Any]:
     for method in METHODS.names():
         for strategy in STRATEGY_PARAMS:
             if strategy in GRADIENT_STRATEGIES and method in NO_WEIGHTS:
+                continue
+            if strategy == "latent_replay" and not METHODS.get(method).trains_on_frozen_features:
                 continue
             for check in applicable(method, strategy):
                 yield pytest.param(method, strategy, check, id=f"{method}-{strategy}-{check.__name__}")

@@ -41,7 +41,7 @@ def test_discovery_imports_the_method_modules_only(monkeypatch: pytest.MonkeyPat
                              "methods.patchcore", "methods.stfpm"]
     # helpers (methods.base, methods.training, methods.efficientad.distill, ...) are never imported as methods
     calls = _discovered(monkeypatch, "strategies")
-    assert sorted(calls) == ["strategies.der", "strategies.ewc", "strategies.joint", "strategies.lwf", "strategies.mas", "strategies.replay",
+    assert sorted(calls) == ["strategies.der", "strategies.ewc", "strategies.joint", "strategies.latent_replay", "strategies.lwf", "strategies.mas", "strategies.replay",
                             "strategies.sequential"]
 
 

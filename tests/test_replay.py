@@ -35,12 +35,12 @@ def test_balanced_buffer_holds_n_over_t_per_task() -> None:
         buffer.update(task, task_set(task, 10, store))
         counts = buffer.counts()
         assert counts == {name: min(12 // t, 10) for name in "abcde"[:t]}  # 10 images per task
-        assert buffer.nbytes() == buffer.pixels.numel() == len(buffer) * 3 * 8 * 8
+        assert buffer.nbytes() == buffer.items.numel() == len(buffer) * 3 * 8 * 8
         for name, keys in previous.items():  # older tasks are re-subsampled, never refilled
             now = {k for k, owner in zip(buffer.keys, buffer.tasks) if owner == name}
             assert now <= keys
         previous = {name: {k for k, owner in zip(buffer.keys, buffer.tasks) if owner == name} for name in counts}
-    for key, pixels in zip(buffer.keys, buffer.pixels):
+    for key, pixels in zip(buffer.keys, buffer.items):
         assert int(pixels[0, 0, 0]) == int(key.split("/")[-1])  # stored images belong to their keys
 
 
@@ -79,7 +79,7 @@ def test_replay_stream_mixes_b_plus_b_and_state_round_trips() -> None:
         assert len(replayed) == 3 and set(replayed) <= set(strategy.buffer.keys)
     clone = Replay(seed=5, buffer_size=6)
     clone.load_state_dict(strategy.state_dict())
-    assert clone.buffer.keys == strategy.buffer.keys and torch.equal(clone.buffer.pixels, strategy.buffer.pixels)
+    assert clone.buffer.keys == strategy.buffer.keys and torch.equal(clone.buffer.items, strategy.buffer.items)
     assert clone.buffer.sample(4).keys == strategy.buffer.sample(4).keys  # generator state restored too
 
 

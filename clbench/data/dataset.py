@@ -514,15 +514,22 @@ def empty_mask_message(path: Path, defect_pixels: int, size: int | None = None, 
 
 @dataclass
 class Batch:
-    """A batch of images as uint8 pixels plus what evaluation needs."""
+    """A batch of images as uint8 pixels plus what evaluation needs.
 
-    pixels: torch.Tensor  # uint8 (B, 3, H, W)
+    A latent-replay training batch (strategies/latent_replay.py) also carries ``latents``: every row's
+    frozen-backbone features, keyed by ``FrozenBackbone.latent_key``; its ``pixels`` then hold only the
+    leading rows that are images (the current task's), the replayed rows having features and no pixels."""
+
+    pixels: torch.Tensor  # uint8 (B, 3, H, W); (B', 3, H, W) with B' < B in a latent-replay batch
     keys: list[str]
     labels: torch.Tensor  # int64 (B,)
     masks: torch.Tensor  # bool (B, H, W)
     # int64 (B,): the index of the step that taught each image's category, given to the method only
     # under ``evaluation: oracle`` (clbench.engine.evaluation); None otherwise (training, agnostic)
     task_index: torch.Tensor | None = None
+    # backbone latent_key -> per layer (B, C, h, w): features given with the batch, which a frozen
+    # backbone returns instead of computing them (``FrozenBackbone.features``); None: computed from pixels
+    latents: dict[str, list[torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -405,9 +405,21 @@ class FrozenBackbone:
         self.images_forwarded += images.shape[0]
         return outputs
 
+    @property
+    def latent_key(self) -> str:
+        """What names this backbone's features in a ``Batch.latents`` (model, layers, channel selection)."""
+        selection = "" if all(kept is None for kept in self.selection) else f"#{hash(self.selection) & 0xFFFFFFFF:08x}"
+        return f"{self.model_name}[{','.join(str(layer) for layer in self.layers)}]{selection}"
+
     @torch.no_grad()
     def features(self, batch) -> list[torch.Tensor]:
-        """Features of a ``Batch`` on the backbone's device (float32), computed only for images not seen before."""
+        """Features of a ``Batch`` on the backbone's device (float32), computed only for images not seen
+        before; a batch that carries this backbone's features (``Batch.latents``: latent replay) gives them."""
+        latents = getattr(batch, "latents", None)
+        if latents is not None:
+            if self.latent_key not in latents:
+                raise ValueError(f"a latent batch carries features of {sorted(latents)}, not of backbone {self.latent_key}")
+            return [self._to_device(level).float() for level in latents[self.latent_key]]
         missing = [i for i, key in enumerate(batch.keys) if key not in self.cache]
         if missing:
             pixels = batch.pixels[missing]

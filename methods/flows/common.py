@@ -146,6 +146,7 @@ class FlowMethod(AnomalyMethod):
     """
 
     display_name = "flow"
+    trains_on_frozen_features = True  # the flows read only the frozen backbone's features (latent replay)
 
     # -- construction (class-level so parameter counts need no backbone) ----------------------
     @classmethod
