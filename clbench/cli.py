@@ -240,6 +240,8 @@ def cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.method is None and args.replay is None:
         raise ConfigError("memory: give --method M and/or --replay N")
+    if args.strategy is not None and args.method is None:
+        raise ConfigError("memory: --strategy needs --method (what a strategy stores depends on the method)")
 
     def show(title: str, components: dict[str, int], total_prefix: str, total_label: str) -> None:
         print(title)
@@ -253,14 +255,41 @@ def cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
         params.update(_flags_to_params(extra))
         if args.backbone:
             params["backbone"] = args.backbone
-        components = METHODS.get(args.method).analytic_memory(params, args.image_size)
-        show(f"{args.method} at {args.image_size}px, analytic (fp32):", components, "method_state", "method state (total)")
+        method_cls = METHODS.get(args.method)
+        try:
+            components = method_cls.analytic_memory(params, args.image_size)
+        except NotImplementedError as err:
+            if args.strategy is None:
+                raise
+            print(f"{err}; its memory.csv measures it")
+        else:
+            show(f"{args.method} at {args.image_size}px, analytic (fp32):", components, "method_state", "method state (total)")
+        if args.strategy is not None:
+            strategy_cls = STRATEGIES.get(args.strategy)
+            strategy_params = strategy_cls.resolve_params(_parse_params(args.strategy_param, "--strategy-param"))
+            components = strategy_cls.analytic_memory(strategy_params, args.image_size,
+                                                      _probe_method(method_cls, params, args.image_size))
+            show(f"strategy {args.strategy} for {args.method} at {args.image_size}px (full buffers):", components, "",
+                 "continual-learning memory (total)")
     elif extra:
         raise ConfigError(f"memory: unexpected arguments {' '.join(extra)} without --method")
     if args.replay is not None:
         components = STRATEGIES.get("replay").analytic_memory({"buffer_size": args.replay}, args.image_size)
         show(f"replay buffer of {args.replay} images at {args.image_size}px (uint8 RGB):", components, "replay", "replay buffer (total)")
     return 0
+
+
+def _probe_method(method_cls: Any, params: dict[str, Any], image_size: int) -> Any:
+    """The method built as a run would build it (random-init backbones, CPU, no data): what a strategy
+    copies or stores of it has the same shapes whatever the weights."""
+    import torch
+
+    from clbench.features.backbones import BackbonePool
+    from methods.base import MethodContext
+
+    pool = BackbonePool("none", torch.device("cpu"), 0, cache_bytes=1 << 30, spill_dir=None)
+    context = MethodContext(pool, torch.device("cpu"), image_size, progress=False)
+    return method_cls(context, **method_cls.resolve_params(params))
 
 
 def _flags_to_params(extra: list[str]) -> dict[str, Any]:
@@ -413,9 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a format option (repeatable; e.g. real-iad's camera view)")
     convert.set_defaults(func=cmd_convert)
 
-    mem = sub.add_parser("memory", help="analytic memory of a method's state and/or a replay buffer (e.g. --budget 30000 for patchcore)")
+    mem = sub.add_parser("memory", help="analytic memory of a method's state, a replay buffer, and/or what a strategy stores (e.g. --budget 30000 for patchcore)")
     mem.add_argument("--method")
     mem.add_argument("--replay", type=int, metavar="N", help="size of a replay buffer in images")
+    mem.add_argument("--strategy", help="with --method: what the strategy stores for it (e.g. ewc, der, latent_replay, replay+ewc)")
+    mem.add_argument("--strategy-param", action="append", metavar="KEY=VALUE", help="a strategy parameter (e.g. buffer_size=100)")
     mem.add_argument("--backbone")
     mem.add_argument("--image-size", type=int, default=224)
     mem.add_argument("--param", action="append", metavar="KEY=VALUE")

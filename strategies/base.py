@@ -140,8 +140,11 @@ class Strategy(Parameterised, ABC):
         return {"replay_buffer": 0}
 
     @classmethod
-    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
-        """Bytes of what the strategy stores, by component, from its parameters alone (``clbench memory``)."""
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int,
+                        method: AnomalyMethod | None = None) -> dict[str, int]:
+        """Bytes of what the strategy stores at most, by component (``clbench memory``): from its
+        parameters alone, or, given a built ``method``, also what depends on the method (weights
+        copied, outputs or features stored), which is otherwise 0 here."""
         return {"replay_buffer": 0}
 
     def state_dict(self) -> dict[str, Any]:

@@ -67,9 +67,10 @@ class Combined(Strategy):
         return _summed(member.memory_components() for member in self.members)
 
     @classmethod
-    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int,
+                        method: AnomalyMethod | None = None) -> dict[str, int]:
         resolved = cls.resolve_params(params)
-        return _summed(part.analytic_memory(cls._own(part, resolved), image_size) for part in cls.parts)
+        return _summed(part.analytic_memory(cls._own(part, resolved), image_size, method) for part in cls.parts)
 
     def state_dict(self) -> dict[str, Any]:
         return {member.name: member.state_dict() for member in self.members}

@@ -23,12 +23,25 @@ from typing import Any, Mapping
 
 import torch
 
-from clbench.data import SampleSet
+from clbench.data import Batch, SampleSet
 from clbench.params import NON_NEGATIVE, Param
 from methods.base import AnomalyMethod
 from methods.training import Callback, TrainContext
 from strategies.base import STRATEGIES, Experience, StrategyCallback, tensor_bytes
 from strategies.replaying import ReplayBase
+
+
+def output_bytes_per_image(method: AnomalyMethod, image_size: int) -> int:
+    """Bytes DER++ stores per image (fp32 ``continual_outputs``), from one blank image through the
+    method in eval mode (its key is no dataset's: ``clbench-memory-probe``)."""
+    probe = Batch(pixels=torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8), keys=["clbench-memory-probe"],
+                  labels=torch.zeros(1, dtype=torch.int64), masks=torch.zeros(1, image_size, image_size, dtype=torch.bool))
+    training = method.training
+    method.eval()
+    with torch.no_grad():
+        outputs = method.continual_outputs(probe)
+    method.train(training)
+    return sum(value[0].numel() * 4 for value in outputs.values())
 
 
 class DarkReplay(StrategyCallback):
@@ -94,9 +107,12 @@ class DER(ReplayBase):
         return super().memory_components() | {"strategy_state": stored}
 
     @classmethod
-    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
-        """The images as replay's; the stored outputs depend on the method, so 0 here (memory.csv has them)."""
-        return super().analytic_memory({k: v for k, v in params.items() if k != "alpha"}, image_size) | {"strategy_state": 0}
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int,
+                        method: AnomalyMethod | None = None) -> dict[str, int]:
+        """The images as replay's, and with a ``method`` its fp32 outputs for each of them."""
+        resolved = cls.resolve_params(params)
+        outputs = 0 if method is None else resolved["buffer_size"] * output_bytes_per_image(method, image_size)
+        return super().analytic_memory({k: v for k, v in params.items() if k != "alpha"}, image_size) | {"strategy_state": outputs}
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {"outputs": {key: dict(value) for key, value in self.outputs.items()}}

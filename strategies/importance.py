@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from methods.base import AnomalyMethod
 from methods.training import Callback, TrainContext
 from strategies.base import Experience, Regulariser, StrategyCallback, tensor_bytes
 
@@ -115,10 +116,11 @@ class ImportanceStrategy(Regulariser):
         return {"replay_buffer": 0, "strategy_state": tensor_bytes([*self.importance.values(), *self.anchor.values()])}
 
     @classmethod
-    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
-        """Two fp32 copies of the trained weights (importance, anchor): known only with the method,
-        so 0 here; memory.csv has the measured bytes."""
-        return {"replay_buffer": 0, "strategy_state": 0}
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int,
+                        method: AnomalyMethod | None = None) -> dict[str, int]:
+        """Two copies of the trained weights (importance, anchor): known with the ``method`` (0 without)."""
+        weights = 0 if method is None else tensor_bytes(p for p in method.parameters() if p.requires_grad)
+        return {"replay_buffer": 0, "strategy_state": 2 * weights}
 
     def state_dict(self) -> dict[str, Any]:
         return {"importance": dict(self.importance), "anchor": dict(self.anchor)}

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from clbench.data import Batch, SampleSet, collate
+from clbench.features.backbones import cached_bytes_per_image
 from clbench.params import ConfigError, Options, Param
 from methods.base import AnomalyMethod, TrainStream
 from strategies.base import STRATEGIES, Experience
@@ -140,6 +141,11 @@ class LatentReplay(ReplayBase):
         return LatentReplayStream(current, self.buffer, self.method)
 
     @classmethod
-    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
-        """The stored features' shapes are the method's backbone's: 0 here; memory.csv measures them."""
-        return {"replay_buffer": 0}
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int,
+                        method: AnomalyMethod | None = None) -> dict[str, int]:
+        """A full buffer of the ``method``'s frozen features (their shapes are its backbones'; 0 without it)."""
+        p = cls.resolve_params(params)
+        if method is None:
+            return {"replay_buffer": 0}
+        per_image = sum(cached_bytes_per_image(b.channels, b.reductions, image_size, p["dtype"]) for b in method.frozen_backbones())
+        return {"replay_buffer": p["buffer_size"] * per_image}

@@ -105,9 +105,10 @@ class LwF(Regulariser):
         return {"replay_buffer": 0, "strategy_state": tensor_bytes(self.previous.values())}
 
     @classmethod
-    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
-        """One fp32 copy of the trained weights: known only with the method, so 0 here; memory.csv has it."""
-        return {"replay_buffer": 0, "strategy_state": 0}
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int,
+                        method: AnomalyMethod | None = None) -> dict[str, int]:
+        """One copy of the trained weights and their layers' buffers: known with the ``method`` (0 without)."""
+        return {"replay_buffer": 0, "strategy_state": 0 if method is None else tensor_bytes(trained_state(method).values())}
 
     def state_dict(self) -> dict[str, Any]:
         return {"previous": dict(self.previous)}

@@ -90,6 +90,8 @@ class ReplayBase(Strategy):
         self.buffer.load_state_dict(state["buffer"])
 
     @classmethod
-    def analytic_memory(cls, params: Mapping[str, Any], image_size: int) -> dict[str, int]:
+    def analytic_memory(cls, params: Mapping[str, Any], image_size: int,
+                        method: AnomalyMethod | None = None) -> dict[str, int]:
+        """A full buffer: ``buffer_size`` stored items (uint8 images here)."""
         size = cls.resolve_params(params)["buffer_size"]
         return {"replay_buffer": replay_bytes(size, image_size)}

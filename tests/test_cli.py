@@ -37,6 +37,18 @@ def test_memory_reproduces_padim_figure(capsys) -> None:
     assert "1,541,030,400 B" in out and "1541.0 MB" in out
 
 
+def test_memory_of_a_strategy_for_a_method(capsys) -> None:
+    """Latent replay's buffer is the backbone's feature maps: ResNet18 layers 1-3 at 64 px are
+    64*16*16 + 128*8*8 + 256*4*4 = 28672 values, 2 B each in float16, for each of 10 images; the
+    measured bytes equal this formula in every run (tests/test_contract.py)."""
+    assert main(["memory", "--method", "fastflow", "--backbone", "resnet18", "--image-size", "64",
+                 "--strategy", "latent_replay", "--strategy-param", "buffer_size=10"]) == 0
+    out = capsys.readouterr().out
+    assert "strategy latent_replay for fastflow at 64px" in out and f"{10 * 28672 * 2:,d} B" in out
+    assert main(["memory", "--replay", "3", "--strategy", "ewc"]) != 0
+    assert "memory: --strategy needs --method" in capsys.readouterr().err
+
+
 def test_methods_lists_registered_names(capsys) -> None:
     assert main(["methods"]) == 0
     out = capsys.readouterr().out

@@ -28,7 +28,8 @@ import torch
 from clbench.data.synth import generate
 from clbench.engine.config import RunConfig
 from clbench.engine.runner import run_experiment
-from methods.base import METHODS, AnomalyMethod
+from clbench.features.backbones import BackbonePool
+from methods.base import METHODS, AnomalyMethod, MethodContext
 from strategies.base import STRATEGIES
 
 pytestmark = pytest.mark.slow  # 24 engine runs (~40 s on one core): `make test`, or `-k <method>` while working on one
@@ -263,6 +264,23 @@ def check_analytic_memory_matches_measured(run: ContractRun) -> None:
             assert analytic["model_frozen"] <= measured["model_frozen"], where
 
 
+def check_strategy_memory_matches_measured(run: ContractRun) -> None:
+    """The strategy's ``analytic_memory`` given the method (what ``clbench memory --strategy`` prints)
+    against the final step's measured buffer and strategy state (the contract's buffers are full)."""
+    method_cls = METHODS.get(run.method)
+    pool = BackbonePool("none", torch.device("cpu"), run.config.seed, cache_bytes=1 << 30, spill_dir=None)
+    context = MethodContext(pool, torch.device("cpu"), run.config.eval_size, run.config.seed, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = method_cls(context, **method_cls.resolve_params(run.config.method_params))
+    strategy_cls = STRATEGIES.get(run.strategy)
+    analytic = strategy_cls.analytic_memory(strategy_cls.resolve_params(run.config.strategy_params), run.config.eval_size, method)
+    memory = run.frame("memory.csv")
+    final = memory[memory.step == memory.step.max()].set_index("component")["bytes"].to_dict()
+    for component in ("replay_buffer", "strategy_state"):
+        assert int(final.get(component, 0)) == analytic.get(component, 0), f"{component}: analytic {analytic}, measured {final}"
+
+
 def check_resume_gives_identical_predictions(run: ContractRun) -> None:
     """A run killed after step 0 and resumed (``--resume``, from the checkpoint) predicts, and so
     scores, exactly as the run that was never interrupted."""
@@ -279,7 +297,7 @@ def check_resume_gives_identical_predictions(run: ContractRun) -> None:
 
 CHECKS = [check_maps_finite_at_input_size, check_image_scores_finite, check_metrics_cover_the_matrix,
           check_training_is_logged, check_memory_components_present, check_analytic_memory_matches_measured,
-          check_resume_gives_identical_predictions]
+          check_strategy_memory_matches_measured, check_resume_gives_identical_predictions]
 
 
 def declares_analytic_memory(cls: type[AnomalyMethod]) -> bool:
