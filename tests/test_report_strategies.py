@@ -74,3 +74,14 @@ def test_report_groups_any_strategy_and_counts_cl_memory(sweep: Path) -> None:
     main = sweep / "report" / "plots" / "acc_fm_vs_cl_memory_pixel_auroc.png"
     assert main.read_bytes()[:8] == PNG and main.stat().st_size > 10_000
     assert report.markdown.index("acc_fm_vs_cl_memory") < report.markdown.index("acc_vs_replay")  # the main plot first
+
+
+def test_the_cl_memory_plot_legend_is_a_colour_per_method_and_a_marker_per_strategy() -> None:
+    from clbench.reporting.sweep_plots import _cl_memory_legend
+
+    summary = pd.DataFrame([{"method": m, "strategy": s} for m in ("cfa", "stfpm")
+                            for s in ("sequential", "replay", "ewc", "latent_replay", "joint")])
+    handles = _cl_memory_legend(summary, ["method"])
+    assert [h.get_label() for h in handles] == ["cfa", "stfpm", "ewc", "latent_replay", "replay",
+                                                "sequential (lower bound)", "joint (upper bound)"]
+    assert len({h.get_color() for h in handles[:2]}) == 2 and len({h.get_marker() for h in handles[2:]}) == 5

@@ -90,6 +90,30 @@ def _buffer_strategy(summary: "pd.DataFrame", strategy: str) -> bool:
     return strategy == "replay" or bool((rows["buffer_size"] > 0).any()) or any("buffer_size=" in t for t in labels)
 
 
+BOUND_MARKERS = {"sequential": "v", "joint": "^"}
+
+
+def _family_markers(summary: "pd.DataFrame") -> dict[str, str]:
+    """One marker per strategy family of the sweep (the bounds have theirs: ``BOUND_MARKERS``)."""
+    markers = ["o", "s", "D", "*", "X", "P", "h", "p"]
+    families = sorted(s for s in summary["strategy"].unique() if s not in BOUNDS)
+    return {family: markers[f % len(markers)] for f, family in enumerate(families)}
+
+
+def _cl_memory_legend(summary: "pd.DataFrame", variant_keys: Sequence[str]) -> list:
+    """The legend in two parts: a colour per method variant, a marker per strategy (lines join a
+    strategy's settings, e.g. its buffer sizes): 4 methods x 8 strategies read as 4 + 8 entries."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour, lw=2.5, label=label) for colour, label, _ in _variants(summary, variant_keys)]
+    present = set(summary["strategy"])
+    handles += [Line2D([], [], color="0.35", marker=marker, ls="-", lw=1, label=family)
+                for family, marker in _family_markers(summary).items()]
+    handles += [Line2D([], [], color="0.35", marker=marker, ms=9, ls="none", label=f"{strategy} ({BOUNDS[strategy]})")
+                for strategy, marker in BOUND_MARKERS.items() if strategy in present]
+    return handles
+
+
 def _draw_vs_cl_memory(ax, summary: "pd.DataFrame", column: str, variant_keys: Sequence[str]) -> None:
     """One line per strategy family (the strategy name) per method variant, x = mean CL memory, y =
     mean ``column`` with +- std error bars; sequential and joint (no CL memory) as markers only.
@@ -97,19 +121,17 @@ def _draw_vs_cl_memory(ax, summary: "pd.DataFrame", column: str, variant_keys: S
     zero-memory cells stay on the plot."""
     import numpy as np
 
-    markers = ["o", "s", "D", "P", "X", "*", "h", "p"]
-    families = sorted(s for s in summary["strategy"].unique() if s not in BOUNDS)
     for colour, label, rows in _variants(summary, variant_keys):
-        for f, family in enumerate(families):
+        for family, marker in _family_markers(summary).items():
             sel = rows[rows["strategy"] == family].sort_values(["cl_memory_mb_mean", LABEL])
             x, y = sel["cl_memory_mb_mean"].to_numpy(dtype=float), sel[f"{column}_mean"].to_numpy(dtype=float)
             keep = np.isfinite(x) & np.isfinite(y)
             if not keep.any():
                 continue
             e = np.nan_to_num(sel[f"{column}_std"].to_numpy(dtype=float))[keep]
-            ax.errorbar(x[keep], y[keep], yerr=e, color=colour, marker=markers[f % len(markers)], ls="-", lw=1.6,
+            ax.errorbar(x[keep], y[keep], yerr=e, color=colour, marker=marker, ls="-", lw=1.6,
                         capsize=3, label=f"{label} {family}")
-        for strategy, marker in (("sequential", "v"), ("joint", "^")):
+        for strategy, marker in BOUND_MARKERS.items():
             sel = rows[rows["strategy"] == strategy]
             x, y = sel["cl_memory_mb_mean"].to_numpy(dtype=float), sel[f"{column}_mean"].to_numpy(dtype=float)
             keep = np.isfinite(x) & np.isfinite(y)
@@ -144,9 +166,9 @@ def plot_vs_cl_memory(summary: "pd.DataFrame", metric: str, out_path: Path, *, t
         if f"{metric}_{stat}_mean" in summary.columns:
             _draw_vs_cl_memory(ax, summary, f"{metric}_{stat}", variant_keys)
         ax.set_ylabel(ylabel)
-    handles, labels = axes[0].get_legend_handles_labels()  # ACC's: joint has no FM, but has an ACC
-    if handles:
-        axes[1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[1].legend(handles=_cl_memory_legend(summary, variant_keys), loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                       fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(top=0.82, wspace=0.3)
     return _save_atomic(fig, out_path)
