@@ -64,3 +64,16 @@ def test_float16_latent_replay_halves_the_buffer(synthetic_root: Path, tmp_path:
 def test_methods_that_train_on_pixels_are_refused(method: str, synthetic_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"strategy 'latent_replay' replays frozen-backbone features; '{method}' trains on"):
         engine_run(method, "latent_replay", {}, synthetic_root, tmp_path / method)
+
+
+def test_a_backbone_names_its_features_the_same_in_every_process() -> None:
+    """The buffer's layout (in the checkpoint) names features by ``latent_key``: a resumed run in a new
+    process must compute the same key, channel selection included (``hash`` of None is per process)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from clbench.features.backbones import BackbonePool; "
+            "pool = BackbonePool('none', torch.device('cpu'), 0, cache_bytes=1, spill_dir=None); "
+            "print(pool.get('resnet18', ['layer1', 'layer2'], channels=[None, [1, 2]]).latent_key)")
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    assert len(keys) == 1 and keys.pop().startswith("resnet18[layer1,layer2]#")

@@ -22,6 +22,8 @@ Every run records which weights it used (``WeightsInfo``, with the tag) in env.j
 """
 from __future__ import annotations
 
+import hashlib
+
 import functools
 import os
 import time
@@ -408,7 +410,8 @@ class FrozenBackbone:
     @property
     def latent_key(self) -> str:
         """What names this backbone's features in a ``Batch.latents`` (model, layers, channel selection)."""
-        selection = "" if all(kept is None for kept in self.selection) else f"#{hash(self.selection) & 0xFFFFFFFF:08x}"
+        # a stable digest (checkpoints keep the key: latent replay's buffer layout), not hash(): None's varies by process
+        selection = "" if all(kept is None for kept in self.selection) else "#" + hashlib.sha1(repr(self.selection).encode()).hexdigest()[:8]
         return f"{self.model_name}[{','.join(str(layer) for layer in self.layers)}]{selection}"
 
     @torch.no_grad()
