@@ -85,3 +85,14 @@ def test_the_cl_memory_plot_legend_is_a_colour_per_method_and_a_marker_per_strat
     assert [h.get_label() for h in handles] == ["cfa", "stfpm", "ewc", "latent_replay", "replay",
                                                 "sequential (lower bound)", "joint (upper bound)"]
     assert len({h.get_color() for h in handles[:2]}) == 2 and len({h.get_marker() for h in handles[2:]}) == 5
+
+
+def test_a_strategy_parameter_of_the_grid_is_in_the_label_not_a_column(tmp_path: Path) -> None:
+    from clbench.reporting.cells import _entries
+
+    spec = {"grid": [{"strategy": ["ewc"], "strategy_params.ewc_lambda": [1, 10], "method_params.k": [1, 2]},
+                     {"strategy": ["replay"], "strategy_params.buffer_size": [4]}],
+            "cells": [{"name": "a", "config": {}}]}
+    _, extras = _entries(tmp_path, spec)
+    assert extras == ["method_params.k"]
+    assert strategy_label("ewc", {"ewc_lambda": 10}, {"ewc_lambda"}) == "ewc(ewc_lambda=10)"

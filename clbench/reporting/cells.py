@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 STATS = ("acc", "bwt", "fm")
-STANDARD_GRID_KEYS = {"method", "strategy", "seed", "task_order", "backbone", "strategy_params.buffer_size"}
+STANDARD_GRID_KEYS = {"method", "strategy", "seed", "task_order", "backbone"}  # and every strategy_params.* (the label)
 MB = 1_000_000
 
 
@@ -111,7 +111,8 @@ def _entries(sweep_dir: Path, spec: dict[str, Any]) -> tuple[list[tuple[str, Pat
             config = c.get("config") if isinstance(c.get("config"), dict) else {}
             problem = "" if _inside(run_dir, sweep_dir) else f"sweep.yaml: run_dir {c.get('run_dir')!r} is outside the sweep folder"
             entries.append((name, run_dir, config, problem))
-        extras = [k for k in _grid_keys(spec.get("grid")) if k not in STANDARD_GRID_KEYS]
+        # a strategy parameter is told by the strategy label (``label_strategies``), not by a column of its own
+        extras = [k for k in _grid_keys(spec.get("grid")) if k not in STANDARD_GRID_KEYS and not k.startswith("strategy_params.")]
         listed = {path.resolve() for _, path, _, _ in entries}
         others = sorted(p.parent.name for p in sweep_dir.glob(f"{RUNS}/*/{CONFIG}") if p.parent.resolve() not in listed)
         if others:
