@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -28,6 +29,8 @@ import torch
 from clbench.data.synth import generate
 from clbench.engine.config import RunConfig
 from clbench.engine.runner import run_experiment
+from clbench.engine.probes import read_choice, read_npz, step_file
+from clbench.engine.rundir import PROBE_MAPS
 from clbench.features.backbones import BackbonePool
 from methods.base import METHODS, AnomalyMethod, MethodContext
 from strategies.base import STRATEGIES
@@ -281,6 +284,25 @@ def check_strategy_memory_matches_measured(run: ContractRun) -> None:
         assert int(final.get(component, 0)) == analytic.get(component, 0), f"{component}: analytic {analytic}, measured {final}"
 
 
+def check_probe_maps_are_the_evaluated_maps(run: ContractRun) -> None:
+    """Every step's probe-map file holds, in float16, the maps evaluation computed for the recorded
+    probe images (clbench.engine.probes); a resumed run writes the same files."""
+    folder = run.run_dir / PROBE_MAPS
+    probes = [key for keys in read_choice(folder / "probes.json").values() for key in keys]
+    assert probes, "no probe image recorded"
+    steps = sorted({e.step for e in run.evaluated})
+    for step in steps:
+        stored = read_npz(folder / step_file(step))
+        assert list(stored["keys"]) == probes and stored["maps"].dtype == np.float16
+        evaluated = {key: m for e in run.evaluated_at(step) for key, m in zip(e.keys, e.maps)}
+        for key, kept in zip(probes, stored["maps"]):
+            np.testing.assert_allclose(kept.astype(np.float32), evaluated[key].numpy().astype(np.float16).astype(np.float32),
+                                       err_msg=f"step {step}: {key}")
+    if run.resumed is not None:
+        for step in steps:
+            assert (folder / step_file(step)).read_bytes() == (run.resumed.run_dir / PROBE_MAPS / step_file(step)).read_bytes()
+
+
 def check_resume_gives_identical_predictions(run: ContractRun) -> None:
     """A run killed after step 0 and resumed (``--resume``, from the checkpoint) predicts, and so
     scores, exactly as the run that was never interrupted."""
@@ -297,7 +319,8 @@ def check_resume_gives_identical_predictions(run: ContractRun) -> None:
 
 CHECKS = [check_maps_finite_at_input_size, check_image_scores_finite, check_metrics_cover_the_matrix,
           check_training_is_logged, check_memory_components_present, check_analytic_memory_matches_measured,
-          check_strategy_memory_matches_measured, check_resume_gives_identical_predictions]
+          check_strategy_memory_matches_measured, check_probe_maps_are_the_evaluated_maps,
+          check_resume_gives_identical_predictions]
 
 
 def declares_analytic_memory(cls: type[AnomalyMethod]) -> bool:

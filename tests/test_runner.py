@@ -65,10 +65,10 @@ def test_sequential_run_writes_the_results_contract(synthetic_root: Path, tmp_pa
     env = json.loads((run_dir / "env.json").read_text())
     assert env["weights"]["pretrained"] is False and env["weights"]["source"] == "none"
     assert env["held_out"]["fraction"] == 0.1 and "torch" in env["packages"]
-    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == [
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == sorted([
         "forgetting_image_auroc.png", "forgetting_pixel_auroc.png", "heatmap_image_auroc.png",
-        "heatmap_pixel_auroc.png", "memory.png",
-    ]
+        "heatmap_pixel_auroc.png", "memory.png", *(f"maps_{t}.png" for t in tasks),  # one probe-map panel per task
+    ])
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ task, as ``task_id_accuracy``: NaN for tasks not yet taught (no answer is right)
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Container, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ def _test_batches(category: Category, store: ImageStore, batch_size: int, task_i
 def evaluate_task(
     method: AnomalyMethod, category: Category, store: ImageStore, batch_size: int, *,
     task_index: int | None = None, oracle: bool = False, bar: tqdm | None = None,
+    keep_maps: Container[str] = (), kept: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Metrics of one task at the evaluation resolution (= input size), on raw scores.
 
@@ -61,7 +62,8 @@ def evaluate_task(
     task's test set) and ``IMAGE_KEYS`` (image AUROC, AP, F1-max), plus ``task_id_accuracy`` for
     methods that return ``extras["task_index"]``: the fraction of test images routed to
     ``task_index`` (NaN when it is None: a task not yet taught). ``oracle`` gives ``task_index``
-    to the method in every batch (only when it is not None).
+    to the method in every batch (only when it is not None). The maps of the images whose keys are in
+    ``keep_maps`` are put into ``kept`` (the run's probe maps: clbench.engine.probes).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -73,6 +75,8 @@ def evaluate_task(
         prediction = method.predict(batch)
         _check_prediction(method, batch, prediction.maps.shape, prediction.extras, bool(routed), len(maps))
         maps.append(prediction.maps.float().cpu().numpy())
+        if kept is not None:
+            kept.update((key, maps[-1][i]) for i, key in enumerate(batch.keys) if key in keep_maps)
         scores.append(prediction.scores.float().cpu().numpy())
         labels.append(batch.labels.numpy())
         masks.append(batch.masks.numpy())
@@ -106,7 +110,8 @@ def _check_prediction(method: AnomalyMethod, batch: Batch, shape: torch.Size, ex
 
 def evaluate_all(
     method: AnomalyMethod, categories: list[Category], store: ImageStore, batch_size: int, progress: bool = True,
-    *, taught: Mapping[str, int], oracle: bool = False,
+    *, taught: Mapping[str, int], oracle: bool = False, keep_maps: Container[str] = (),
+    kept: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics for every task in the stream, learned or not yet learned.
 
@@ -117,7 +122,8 @@ def evaluate_all(
     with tqdm(total=total, desc="evaluate", unit="img", disable=not progress, leave=False) as bar:
         for category in categories:
             results[category.name] = evaluate_task(method, category, store, batch_size,
-                                                   task_index=taught.get(category.name), oracle=oracle, bar=bar)
+                                                   task_index=taught.get(category.name), oracle=oracle, bar=bar,
+                                                   keep_maps=keep_maps, kept=kept)
     return results
 
 

@@ -48,7 +48,8 @@ FINGERPRINT = "data_fingerprint.json"  # the dataset's files at the start of the
 MARKER = ".clbench-run.json"  # written first into a run folder: what --overwrite may delete
 LOCK = LOCK_NAME  # held while a process writes the folder (``clbench.engine.locks``)
 FEATURE_CACHE = "feature_cache"  # spilled backbone features during a run
-WRITTEN_FOLDERS = (PLOTS, FEATURE_CACHE)  # folders a run writes into inside its run folder
+PROBE_MAPS = "probe_maps"  # the probe images' maps after every step (clbench.engine.probes)
+WRITTEN_FOLDERS = (PLOTS, FEATURE_CACHE, PROBE_MAPS)  # folders a run writes into inside its run folder
 
 
 @dataclass(frozen=True)
@@ -408,12 +409,27 @@ class RunFolder:
     def write_fingerprint(self, fingerprint: Mapping[str, Any]) -> None:
         atomic.write_json(self.fingerprint_path, fingerprint)
 
+    def disk_bytes(self) -> dict[str, int]:
+        """What the run keeps on disk, by kind (summary.json's ``disk_bytes``): the checkpoint, the probe
+        maps, the result tables and records; plots are drawn after it (and redrawn at will)."""
+        sizes = {"checkpoint": 0, "probe_maps": 0, "results": 0}
+        for entry in self.path.iterdir():
+            if entry.name == PROBE_MAPS and entry.is_dir() and not entry.is_symlink():
+                sizes["probe_maps"] = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
+            elif entry.name == CHECKPOINT and entry.is_file():
+                sizes["checkpoint"] = entry.stat().st_size
+            elif entry.is_file() and not entry.is_symlink() and entry.name != LOCK:
+                sizes["results"] += entry.stat().st_size
+        sizes["total"] = sum(sizes.values())
+        return sizes
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic.write_json(self.summary_path, summary)
 
     def remove_leftovers(self) -> list[Path]:
         """Temporary files a killed atomic write left in the folder or its plots (under the lock)."""
-        return atomic.remove_leftovers(self.path) + atomic.remove_leftovers(self.plots_dir)
+        return (atomic.remove_leftovers(self.path) + atomic.remove_leftovers(self.plots_dir)
+                + atomic.remove_leftovers(self.path / PROBE_MAPS))
 
     def remove_feature_cache(self) -> None:
         shutil.rmtree(self.feature_cache_dir, ignore_errors=True)

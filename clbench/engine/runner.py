@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 
 from clbench.engine import memory, seeding
@@ -34,6 +35,7 @@ from clbench.engine.environment import environment_info
 from clbench.engine.evaluation import TASK_ID_METRIC, evaluate_all, task_id_summary, task_indices
 from clbench.metrics.forgetting import summarize, summarize_joint, undefined_tasks
 from clbench.engine.locks import check_unlocked, run_lock
+from clbench.engine.probes import ProbeSet
 from clbench.engine.rundir import MARKER as RUN_MARKER, WRITTEN_FOLDERS, Results, RunFolder, accuracy_matrix
 from clbench.engine.rundir import first_line as _first_line, load_problem
 from clbench.engine.tasks import categories_of, resolve_schedule, schedule_value
@@ -378,11 +380,14 @@ class Experiment:
             log.info("resuming %s after step %d", self.run_dir, completed)
             del state
         self.folder.write_env(environment_info(self.config, self.device, pool, self.categories))
+        probes = (ProbeSet.open(self.run_dir, self.categories, store, self.config.probe_maps, self.config.seed)
+                  if self.config.probe_maps else None)
         for experience in experiences:
             if experience.step <= completed:
                 continue
-            self._step(experience, method, strategy, store, pool, results)
+            self._step(experience, method, strategy, store, pool, results, probes)
         summary = self.summary(results, experiences, pool)
+        summary["disk_bytes"] = self.folder.disk_bytes()
         self.folder.write_summary(summary)
         self.folder.remove_feature_cache()
         if self.config.plots:
@@ -399,7 +404,8 @@ class Experiment:
             raise ConfigError(f"{self.folder.checkpoint_path}: does not fit this run's method or strategy "
                               f"({_first_line(err)}); pass --overwrite to start again") from None
 
-    def _step(self, experience: Experience, method, strategy, store, pool, results: Results) -> None:
+    def _step(self, experience: Experience, method, strategy, store, pool, results: Results,
+              probes: ProbeSet | None = None) -> None:
         step, label = experience.step, experience.label
         memory.reset_peaks(self.device)
         forwarded = sum(b.images_forwarded for b in pool.backbones)
@@ -413,9 +419,13 @@ class Experiment:
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
         taught = {name: index for name, index in self._task_index.items() if index <= step}
+        kept: dict[str, np.ndarray] = {}
         evaluation = evaluate_all(method, self.categories, store, self.config.eval_batch_size, self.progress,
-                                  taught=taught, oracle=self.config.evaluation == "oracle")
+                                  taught=taught, oracle=self.config.evaluation == "oracle",
+                                  keep_maps=set(probes.keys) if probes else (), kept=kept)
         eval_seconds = time.perf_counter() - start
+        if probes is not None:
+            probes.write_step(step, kept)
 
         results.add_metrics(step, label, evaluation)
         results.add_training(step, label, method.fit_info, method.epoch_log)

@@ -80,3 +80,9 @@ KNOWN_COINCIDENCES = (
     # different methods, never in one run
     "PatchCore bank j of a step = DRAEM simulation (epoch 0, batch j) of that step",
 )
+
+
+def probe_seed(run_seed: int) -> int:
+    """The probe images whose maps a run keeps after every step (clbench.engine.probes): its own
+    stream, so choosing them never shifts another stream."""
+    return run_seed * STEP_STRIDE + STEP_STRIDE - 1

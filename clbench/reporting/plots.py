@@ -35,7 +35,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from clbench.engine.atomic import write_with  # noqa: E402
-from clbench.engine.rundir import RunFolder, accuracy_matrix, numeric, step_labels  # noqa: E402
+from clbench.engine.rundir import PROBE_MAPS, RunFolder, accuracy_matrix, numeric, step_labels  # noqa: E402
 from clbench.engine.tasks import as_schedule, categories_of  # noqa: E402
 
 __all__ = [
@@ -352,7 +352,8 @@ def plot_run(run_dir: str | Path, metrics: Sequence[str] = ("pixel_auroc",)) -> 
 
     Heatmap + forgetting curves for each requested metric that is present
     (absent ones are skipped with a warning), plus the memory plot when
-    memory.csv exists. Raises FileNotFoundError if metrics.csv is absent.
+    memory.csv exists, plus the probe-map panels (``maps_<task>.png``) when the
+    run kept probe maps. Raises FileNotFoundError if metrics.csv is absent.
     """
     folder = RunFolder(run_dir)
     metrics_path = folder.csv_path("metrics")
@@ -383,4 +384,8 @@ def plot_run(run_dir: str | Path, metrics: Sequence[str] = ("pixel_auroc",)) -> 
             written.append(plot_memory(memory, out_dir / "memory.png", title_info=info))
     else:
         warnings.warn(f"{memory_path.name} not found: {memory_path}; skipping the memory plot", stacklevel=2)
+    if (folder.path / PROBE_MAPS).is_dir():  # a run with probe_maps: 0 (or an older one) has none, and says nothing
+        from clbench.reporting.probe_plots import plot_probe_maps
+
+        written += plot_probe_maps(folder.path)
     return written
