@@ -16,6 +16,7 @@ from clbench.engine.config import ConfigError
 from clbench.reporting.profile import add_reproduce_parser
 from clbench.reporting.report import add_report_parser
 from clbench.sweep import add_sweep_parser
+from clbench.sweep.status import add_status_parser
 
 RUN_EXAMPLES = textwrap.dedent(
     """\
@@ -118,6 +119,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None,
                    help="do not draw the plots at the end (draw them later with clbench plot RUN)")
+    p.add_argument("--probe-maps", dest="probe_maps", type=int, metavar="N",
+                   help="defect test images per task whose maps are kept after every step and drawn as "
+                        "plots/maps_<task>.png (default 2; 0: none, for large sweeps)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks of errors")
 
 
@@ -131,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for key in ("method", "strategy", "task_order", "backbone", "weights", "image_size", "crop_size", "val_fraction",
                     "seed", "device", "data_root", "output_dir", "name", "epochs_scale", "max_epochs",
                     "require_pretrained", "synthetic", "evaluation", "plots", "amp", "decode_workers",
-                    "checkpoint_every")
+                    "checkpoint_every", "probe_maps")
     }
     overrides["tasks"] = _parse_tasks(args.tasks)
     config = config_mod.load(args.config, overrides)
@@ -401,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
     add_reproduce_parser(sub)
     add_report_parser(sub)
+    add_status_parser(sub)
 
     data = sub.add_parser("data", help="datasets: generate the synthetic one, check one on disk, convert one")
     data_sub = data.add_subparsers(dest="data_command", required=True)

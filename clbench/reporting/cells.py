@@ -215,10 +215,12 @@ def _version(env: dict[str, Any]) -> str | None:
     return str(version) if version is not None else None
 
 
-def load_cells(sweep_dir: str | Path) -> tuple[list[CellInfo], list[str], str]:
+def load_cells(sweep_dir: str | Path, *, labels: bool = True) -> tuple[list[CellInfo], list[str], str]:
     """Cells of a sweep (from ``sweep.yaml``; without one, every ``runs/*`` or ``*`` run folder),
     the extra grid keys that become columns, and the sweep's name. A complete cell whose files do
-    not hold up (``check_complete_cell``) is ``damaged``, with the problem as its note."""
+    not hold up (``check_complete_cell``) is ``damaged``, with the problem as its note.
+    ``labels=False`` skips the strategy labels (they import the strategies, hence torch: seconds
+    that ``clbench status`` does without)."""
     sweep_dir = Path(sweep_dir)
     spec = read_mapping(sweep_dir / "sweep.yaml", yaml.safe_load)
     fmt = spec.get("format")
@@ -232,7 +234,8 @@ def load_cells(sweep_dir: str | Path) -> tuple[list[CellInfo], list[str], str]:
         raise FileNotFoundError(_not_a_sweep(sweep_dir))
     cells = [_load_cell(name, run_dir, spec_config, problem, status.get(name), extras)
              for name, run_dir, spec_config, problem in entries]
-    label_strategies(cells)
+    if labels:
+        label_strategies(cells)
     return cells, extras, str(spec.get("name") or sweep_dir.name)
 
 

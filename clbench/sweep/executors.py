@@ -294,6 +294,7 @@ class RayExecutor:
         self.workers = workers
         self.address = address
         self.threads: int | None = None
+        self.cells_at_a_time: int | None = None  # set by ``_plan`` once the cluster is seen
         self.gpus_per_cell = float(gpus_per_cell)
         self.retries = retries
         if workers is not None and workers < 1:
@@ -336,6 +337,7 @@ class RayExecutor:
         total = max(1, int(sum(n.get("CPU", 0) for n in nodes)))
         largest = max([int(n.get("CPU", 0)) for n in nodes] + [1])
         workers = self.workers or max(1, total // 2)
+        self.cells_at_a_time = workers  # the sweep's ETA divides by it (``clbench.sweep.progress``)
         self.threads = max(1, min(total // workers, largest))
         gpus = max([n.get("GPU", 0) for n in nodes] + [0])
         if self.gpus_per_cell > gpus:

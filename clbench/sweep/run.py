@@ -20,6 +20,7 @@ from clbench.engine.config import ConfigError, RunConfig, from_mapping
 from clbench.engine.locks import FolderLocked, holder_pid, locked_by, run_lock
 from clbench.engine.rundir import RunFolder
 from clbench.sweep.executors import CellFn, Executor, _apply_threads, make_executor
+from clbench.sweep.progress import Progress
 from clbench.sweep.spec import (
     LOGS, MAX_CELLS, RUNS, STATUS_FILE, SWEEP_ENTRIES, SWEEP_FILE, SWEEP_FORMAT, Cell, CellResult, SweepSpec,
     expand, load_spec, one_line, running_elsewhere, validate_cell,
@@ -360,6 +361,11 @@ def _run_cells(runner: Executor, cell_fn: CellFn, todo: list[Cell], outcome: Swe
     """Run ``todo``, recording and printing each result; a full disk stops starting new cells."""
     if not todo:
         return
+    run_dirs = {cell.name: cell.run_dir for cell in todo}
+    # every executor (serial, pool, Ray) yields here as cells finish: one printing path for all;
+    # Ray knows its cells at a time only once it has seen the cluster (``cells_at_a_time``)
+    progress = Progress(len(todo), lambda: getattr(runner, "cells_at_a_time", None) or getattr(runner, "workers", None) or 1,
+                        echo, bar=Progress.wants_bar(echo))
     results = runner.map(cell_fn, todo)
     try:
         for k, result in enumerate(results, start=1):
@@ -368,16 +374,18 @@ def _run_cells(runner: Executor, cell_fn: CellFn, todo: list[Cell], outcome: Swe
             attempts = getattr(result, "attempts", 1)  # Ray retries a cell whose worker or node died
             tries = f", attempt {attempts}" if attempts > 1 else ""
             if result.failed:
-                echo(f"[{k}/{len(todo)}] FAILED  {result.name}: {result.error}  (log: {outcome.sweep_dir / LOGS / (result.name + '.log')}{tries})")
+                line = f"[{k}/{len(todo)}] FAILED  {result.name}: {result.error}  (log: {outcome.sweep_dir / LOGS / (result.name + '.log')}{tries})"
             elif result.busy:
-                echo(f"[{k}/{len(todo)}] SKIPPED {result.name}: {result.error}")
+                line = f"[{k}/{len(todo)}] SKIPPED {result.name}: {result.error}"
             else:
-                echo(f"[{k}/{len(todo)}] {result.status:7s} {result.name} ({result.seconds:.1f} s{tries})")
+                line = f"[{k}/{len(todo)}] {result.status:7s} {result.name} ({result.seconds:.1f} s{tries})"
+            progress.finished(result, line, run_dirs.get(result.name))
             if _disk_full(result):
                 echo("stopping: the disk is full; no more cells are started (free space, then re-run the sweep: "
                      "finished cells are kept, killed ones resume)")
                 break
     finally:
+        progress.close()
         close = getattr(results, "close", None)
         if close is not None:
             close()  # a pool stops starting cells and waits for the running ones
