@@ -37,8 +37,15 @@ newer format is refused in one line. The report writes only into a new, empty or
 folder (marked ``.clbench-report``), never over a user's files, and reads no run folder outside the
 sweep folder.
 
+``summary.html`` is one self-contained file: its plots and each complete cell's probe-map panels
+(``<run_dir>/plots/maps_*.png``, folded per cell) are embedded as data: URIs. ``--format latex`` also
+writes ``summary.tex`` (``latex``): booktabs tables, methods as rows, strategies as column groups, best
+per column in bold; a standalone document that compiles with pdflatex.
+
 This module builds and writes the report; the cells are read and checked in ``cells``, the tables
-built and rendered in ``tables``, the plots drawn in ``sweep_plots`` and the paper's table in ``paper``.
+built in ``tables``, what the report says (its sections, in order) in ``sections`` (markdown and HTML
+rendered in ``tables``, LaTeX in ``latex``), the plots drawn in ``sweep_plots`` and the paper's table in
+``paper``.
 """
 from __future__ import annotations
 
@@ -51,7 +58,9 @@ from typing import TYPE_CHECKING, Sequence
 from clbench import __version__ as CLBENCH_VERSION
 from clbench.engine import atomic
 from clbench.reporting.cells import CellInfo, load_cells
-from clbench.reporting.paper import PaperTable, paper_table, render_paper_html, render_paper_markdown
+from clbench.reporting.latex import render_latex
+from clbench.reporting.paper import PaperTable, paper_table, render_paper_markdown
+from clbench.reporting.sections import Section, build_sections
 from clbench.reporting.sweep_plots import write_plots
 from clbench.reporting.tables import cells_frame, render_html, render_markdown, runs_frame, summarize_cells
 
@@ -70,6 +79,7 @@ class Report:
     cells: list[CellInfo]
     markdown: str
     paper: "PaperTable | None" = None
+    sections: "list[Section] | None" = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,8 +109,20 @@ def _say_cells(sweep_dir: Path, cells: Sequence[CellInfo]) -> None:
 
 
 REPORT_MARKER = ".clbench-report"  # marks a folder the report wrote, so a re-run may overwrite it
-REPORT_FILES = ("runs.csv", "cells.csv", "summary.csv", "summary.md", "summary.html", "paper_table.md",
+REPORT_FILES = ("runs.csv", "cells.csv", "summary.csv", "summary.md", "summary.html", "summary.tex", "paper_table.md",
                 "paper_table.csv", "plots", REPORT_MARKER)
+FORMATS = {"md": "md", "markdown": "md", "html": "html", "latex": "latex", "tex": "latex"}
+DEFAULT_FORMATS = ("md", "html")  # always written; --format adds to them
+
+
+def parse_formats(values: Sequence[str] | None) -> list[str]:
+    """``--format`` values (repeatable, or comma lists) as the formats to write: md and html always,
+    plus those asked for; an unknown one is one line naming it."""
+    asked = [v.strip().lower() for value in (values or []) for v in str(value).split(",") if v.strip()]
+    unknown = [v for v in asked if v not in FORMATS]
+    if unknown:
+        raise ValueError(f"--format: unknown format '{unknown[0]}' (known: md, html, latex)")
+    return list(dict.fromkeys([*DEFAULT_FORMATS, *(FORMATS[v] for v in asked)]))
 
 
 def _check_output(out: Path) -> None:
@@ -121,8 +143,10 @@ def _check_output(out: Path) -> None:
                          "give the report a new or empty --output")
 
 
-def build_report(sweep_dir: str | Path, metric: str = "pixel_auroc", out_dir: str | Path | None = None) -> Report:
-    """Aggregate a sweep's cells; write CSVs, markdown, HTML and plots to ``<sweep_dir>/report``.
+def build_report(sweep_dir: str | Path, metric: str = "pixel_auroc", out_dir: str | Path | None = None,
+                 formats: Sequence[str] | None = None) -> Report:
+    """Aggregate a sweep's cells; write CSVs, markdown, HTML (and LaTeX: ``formats``, see
+    ``parse_formats``) and plots to ``<sweep_dir>/report``.
 
     Everything is read and checked before anything is written; a write that fails (full disk,
     permissions) is one line naming the folder."""
@@ -132,6 +156,7 @@ def build_report(sweep_dir: str | Path, metric: str = "pixel_auroc", out_dir: st
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir}: sweep folder not found")
     out = Path(out_dir) if out_dir is not None else sweep_dir / REPORT_DIR
+    formats = parse_formats(formats)
     cells, extras, name = load_cells(sweep_dir)
     _say_cells(sweep_dir, cells)
     available = sorted({m for c in cells if c.complete for m in (c.summary.get("metrics") or {})})
@@ -139,12 +164,13 @@ def build_report(sweep_dir: str | Path, metric: str = "pixel_auroc", out_dir: st
         raise ValueError(f"--metric: '{metric}' is not in the runs' summaries (available: {', '.join(available)})")
     _check_output(out)
     try:
-        return _write_report(out, name, cells, extras, metric)
+        return _write_report(out, name, cells, extras, metric, formats)
     except OSError as err:
         raise ValueError(f"{out}: cannot write the report ({err.strerror or err})") from None
 
 
-def _write_report(out: Path, name: str, cells: list[CellInfo], extras: list[str], metric: str) -> Report:
+def _write_report(out: Path, name: str, cells: list[CellInfo], extras: list[str], metric: str,
+                  formats: Sequence[str] = DEFAULT_FORMATS) -> Report:
     atomic.write_text(out / REPORT_MARKER, f"written by clbench {CLBENCH_VERSION} report\n")
     files = [atomic.write_csv(out / "runs.csv", runs_frame(cells, extras))]
     per_cell = cells_frame(cells, extras)
@@ -152,31 +178,35 @@ def _write_report(out: Path, name: str, cells: list[CellInfo], extras: list[str]
     summary = summarize_cells(per_cell, extras)
     files.append(atomic.write_csv(out / "summary.csv", summary))
     plots = write_plots(name, summary, cells, extras, metric, out / "plots") if len(summary) else []
-    markdown = render_markdown(name, summary, cells, extras, metric, plots, out)
-    page = render_html(name, summary, cells, extras, metric, plots, out)
     paper = paper_table(cells)
     if paper is not None:
-        paper_md = render_paper_markdown(paper)
-        files.append(atomic.write_text(out / "paper_table.md", paper_md))
+        files.append(atomic.write_text(out / "paper_table.md", render_paper_markdown(paper)))
         files.append(atomic.write_csv(out / "paper_table.csv", paper.frame()))
-        head, _, rest = markdown.partition("\n\n")
-        markdown = f"{head}\n\n{paper_md}\n{rest}"
-        page = page.replace("</p>\n", "</p>\n" + render_paper_html(paper) + "\n", 1)
+    sections = build_sections(name, summary, cells, extras, metric, plots, out, paper)
+    markdown = render_markdown(sections)
     files.append(atomic.write_text(out / "summary.md", markdown))
-    files.append(atomic.write_text(out / "summary.html", page))
-    return Report(out, files + plots, summary, cells, markdown, paper)
+    files.append(atomic.write_text(out / "summary.html", render_html(sections)))
+    if "latex" in formats:
+        files.append(atomic.write_text(out / "summary.tex", render_latex(sections)))
+    elif (out / "summary.tex").is_file():  # an earlier report's, now out of date
+        (out / "summary.tex").unlink()
+    return Report(out, files + plots, summary, cells, markdown, paper, sections)
 
 
 def add_report_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "report",
-        help="aggregate a sweep's runs: tables (csv, md, html) and plots",
+        help="aggregate a sweep's runs: tables (csv, md, html, latex) and plots",
         description="Aggregate every cell of a sweep over seeds (mean ± std of ACC, BWT, FM, memory) into "
-                    "SWEEP_DIR/report/: runs.csv, cells.csv, summary.csv/.md/.html and plots/.",
+                    "SWEEP_DIR/report/: runs.csv, cells.csv, summary.csv/.md/.html (self-contained: plots and "
+                    "probe maps embedded), plots/ and, with --format latex, summary.tex.",
     )
     p.add_argument("sweep_dir", type=Path, help="the sweep folder (<output_dir>/<name>, with sweep.yaml)")
     p.add_argument("--metric", default="pixel_auroc", help="headline metric of tables and plots (default: pixel_auroc)")
     p.add_argument("--output", dest="out_dir", type=Path, help="report folder (default: SWEEP_DIR/report)")
+    p.add_argument("--format", dest="formats", action="append", metavar="FORMAT",
+                   help="also write this format: latex (summary.tex, booktabs; compiles with pdflatex); repeatable "
+                        "or a comma list; summary.md and summary.html are always written")
     p.set_defaults(func=cmd_report)
     return p
 
@@ -186,7 +216,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     markdown, then what was written."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = build_report(args.sweep_dir, args.metric, args.out_dir)
+        report = build_report(args.sweep_dir, args.metric, args.out_dir, getattr(args, "formats", None))
     for warning in caught:
         print(f"warning: {warning.message}")
     print(report.markdown)

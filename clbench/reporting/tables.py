@@ -1,10 +1,13 @@
 """The report's tables: ``runs.csv`` and ``cells.csv`` frames, the per-group summary (mean and sample
-std over seeds), and its markdown and HTML renderings."""
+std over seeds), and the markdown and HTML renderings of the report's sections (``sections``)."""
 from __future__ import annotations
 
+import base64
 import html
 import math
+import mimetypes
 import numbers
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -13,6 +16,8 @@ from clbench.reporting.cells import STATS, CellInfo, _cell_values, _started_rows
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from clbench.reporting.sections import Section, Table
 
 METRICS = ("pixel_auroc", "image_auroc", "pixel_aupro")
 PARAMS = ("method", "strategy", "strategy_label", "buffer_size", "seed", "task_order", "backbone", "pretrained")
@@ -149,27 +154,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
-def _table(summary: "pd.DataFrame", metric: str, keys: Sequence[str], memory: bool) -> tuple[list[str], list[list[str]], list[bool]]:
-    names = {"buffer_size": "buffer", LABEL: "strategy"}
-    headers = [names.get(k, k) for k in keys] + ["seeds", "ACC", "BWT", "FM"]
-    right = [k == "buffer_size" for k in keys] + [True, False, False, False]
-    if memory:
-        headers += ["memory MB", "peak RSS MB", "CL memory MB"]
-        right += [True, True, True]
-    rows = []
-    for _, r in summary.iterrows():
-        row = [str(r[k]) for k in keys] + [str(int(r["n_seeds"]))]
-        for stat in STATS:
-            row.append(_fmt(r.get(f"{metric}_{stat}_mean"), r.get(f"{metric}_{stat}_std"), signed=stat == "bwt"))
-        if memory:
-            row.append(_fmt(r.get("memory_mb_mean"), r.get("memory_mb_std"), digits=1))
-            row.append(_fmt(r.get("peak_rss_mb_mean"), r.get("peak_rss_mb_std"), digits=0))
-            cl = r.get("cl_memory_mb_mean")  # a small replay buffer (4 images at 64 px: 0.049 MB) must not read 0.0
-            row.append(_fmt(cl, r.get("cl_memory_mb_std"), digits=1 if cl is None or not 0 < abs(cl) < 1 else 3))
-        rows.append(row)
-    return headers, rows, right
-
-
 def _common(summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str]) -> str:
     parts = []
     for key in ("backbone", "pretrained", "task_order", *extras):
@@ -184,57 +168,77 @@ def _common(summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence
     return " · ".join(parts)
 
 
-def render_markdown(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str],
-                    metric: str, plots: Sequence[Path], out_dir: Path) -> str:
-    keys = [*leading_keys(summary), *_varying(summary, [*GROUP[3:], *extras])]
-    complete = sum(c.complete for c in cells)
-    lines = [f"# Sweep report: {name}", "",
-             f"{complete} of {len(cells)} cells complete · mean ± std over seeds (sample std, n−1) · "
-             "memory = final method state + replay buffer · CL memory = memory spent on continual learning (final "
-             "replay buffer + strategy state) · MB = 10^6 bytes · peak RSS = largest per-step peak", ""]
-    common = _common(summary, cells, extras)
-    if common:
-        lines += [f"common: {common}", ""]
-    for m in _table_metrics(summary, metric):
-        lines += [f"## {m}" + (" (headline)" if m == metric else ""), ""]
-        lines += [markdown_table(*_table(summary, m, keys, memory=m == metric)), ""]
-    missing = [c for c in cells if not c.complete]
-    if missing:
-        lines += ["## Cells left out (not complete or damaged)", ""]
-        lines += [f"- {c.name}: {c.status}" + (f" — {c.note}" if c.note else "") for c in missing] + [""]
-    if plots:
-        lines += ["## Plots", ""] + [f"- {p.relative_to(out_dir)}" for p in plots] + [""]
-    return "\n".join(lines)
+def _embedded(path: Path) -> str:
+    """An image as a data: URI, so summary.html opens as one file wherever it is copied."""
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def render_html(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str],
-                metric: str, plots: Sequence[Path], out_dir: Path) -> str:
+POWER = re.compile(r"(\d+)\^(\d+)")  # "10^6" in a paragraph: a superscript in HTML and LaTeX
+
+
+def _html_text(text: str) -> str:
+    """Escaped text; ``10^6`` as a superscript."""
+    return POWER.sub(r"\1<sup>\2</sup>", html.escape(text))
+
+
+def _html_table(table: "Table") -> str:
     import pandas as pd
 
-    keys = [*leading_keys(summary), *_varying(summary, [*GROUP[3:], *extras])]
-    complete = sum(c.complete for c in cells)
-    parts = [f"<h1>Sweep report: {html.escape(name)}</h1>",
-             f"<p>{complete} of {len(cells)} cells complete · mean ± std over seeds (sample std, n−1) · memory = final "
-             "method state + replay buffer · CL memory = memory spent on continual learning (final replay buffer + "
-             "strategy state) · MB = 10<sup>6</sup> bytes · peak RSS = largest per-step peak</p>"]
-    common = _common(summary, cells, extras)
-    if common:
-        parts.append(f"<p>common: {html.escape(common)}</p>")
-    for m in _table_metrics(summary, metric):
-        headers, rows, _ = _table(summary, m, keys, memory=m == metric)
-        parts.append(f"<h2>{html.escape(m)}</h2>")
-        parts.append(pd.DataFrame(rows, columns=headers).to_html(index=False, escape=True, border=0))
-    missing = [c for c in cells if not c.complete]
-    if missing:
-        parts.append("<h2>Cells left out (not complete or damaged)</h2><ul>")
-        parts += [f"<li>{html.escape(c.name)}: {html.escape(c.status)}{(' — ' + html.escape(c.note)) if c.note else ''}</li>"
-                  for c in missing]
-        parts.append("</ul>")
-    if plots:
-        parts.append("<h2>Plots</h2>")
-        parts += [f'<p><img src="{html.escape(str(p.relative_to(out_dir)))}" alt="{html.escape(p.name)}"></p>' for p in plots]
+    frame = pd.DataFrame([[c.text for c in row] for row in table.rows], columns=table.headers)
+    return frame.to_html(index=False, escape=True, border=0)
+
+
+def render_markdown(sections: Sequence["Section"]) -> str:
+    """The report's sections as markdown: blocks separated by a blank line."""
+    blocks = []
+    for s in sections:
+        if s.kind == "title":
+            blocks.append(f"# {s.title}")
+            continue
+        if s.title:
+            blocks.append(f"## {s.title}")
+        if s.kind == "text":
+            blocks.append(s.text)
+        elif s.kind == "table" and s.table is not None:
+            blocks.append(markdown_table(s.table.headers, [[c.text for c in r] for r in s.table.rows], s.table.right))
+        elif s.kind == "images":
+            blocks.append("\n".join(f"- {image.caption}" for image in s.images))
+        elif s.kind == "panels":
+            blocks.append("\n".join(f"- {cell}: {image.caption}"
+                                    for cell, images in s.panels.items() for image in images))
+        if s.items:
+            blocks.append("\n".join(f"- {item}" for item in s.items))
+    return "\n\n".join(blocks) + "\n"
+
+
+def render_html(sections: Sequence["Section"]) -> str:
+    """The report's sections as one self-contained HTML page: plots and probe-map panels embedded as
+    data: URIs (no file next to it needed); each run's panels folded in a <details>."""
+    name, parts = "", []
+    for s in sections:
+        if s.kind == "title":
+            name = s.title.removeprefix("Sweep report: ")
+            parts.append(f"<h1>{html.escape(s.title)}</h1>")
+            continue
+        if s.title:
+            parts.append(f"<h2>{html.escape(s.title)}</h2>")
+        if s.kind == "text":
+            parts.append(f"<p>{_html_text(s.text)}</p>")
+        elif s.kind == "table" and s.table is not None:
+            parts.append(_html_table(s.table))
+        elif s.kind == "images":
+            parts += [f'<p><img src="{_embedded(i.path)}" alt="{html.escape(i.caption)}"></p>' for i in s.images]
+        elif s.kind == "panels":
+            for cell, images in s.panels.items():
+                parts.append(f"<details><summary>{html.escape(cell)}</summary>")
+                parts += [f'<p><img src="{_embedded(i.path)}" alt="{html.escape(i.caption)}"></p>'
+                          for i in images]
+                parts.append("</details>")
+        if s.items:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in s.items) + "</ul>")
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
              "th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}th{background:#f3f3f3}"
-             "img{max-width:100%}")
+             "img{max-width:100%}summary{cursor:pointer;font-weight:bold;margin:0.5em 0}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(name)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
