@@ -122,6 +122,10 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--probe-maps", dest="probe_maps", type=int, metavar="N",
                    help="defect test images per task whose maps are kept after every step and drawn as "
                         "plots/maps_<task>.png (default 2; 0: none, for large sweeps)")
+    p.add_argument("--tracker", dest="trackers", action="append", choices=["tensorboard", "mlflow"],
+                   help="mirror the run into an experiment tracker (repeatable; off by default): tensorboard writes "
+                        "event files under the run folder, mlflow a local store mlruns/ in the output folder")
+    p.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default: OUTPUT/mlruns)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks of errors")
 
 
@@ -135,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for key in ("method", "strategy", "task_order", "backbone", "weights", "image_size", "crop_size", "val_fraction",
                     "seed", "device", "data_root", "output_dir", "name", "epochs_scale", "max_epochs",
                     "require_pretrained", "synthetic", "evaluation", "plots", "amp", "decode_workers",
-                    "checkpoint_every", "probe_maps")
+                    "checkpoint_every", "probe_maps", "trackers", "tracking_uri")
     }
     overrides["tasks"] = _parse_tasks(args.tasks)
     config = config_mod.load(args.config, overrides)

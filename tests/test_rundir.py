@@ -249,7 +249,8 @@ def test_readme_results_table_lists_exactly_the_run_folder_files() -> None:
     section = section[: section.index("\n## ", 1)]
     listed = {m.rstrip("/") for m in re.findall(r"^\| `([^`]+)` \|", section, flags=re.M)}
     owned = {rundir.CONFIG, rundir.ENV, rundir.SUMMARY, rundir.PLOTS, rundir.CHECKPOINT, rundir.FINGERPRINT,
-             rundir.MARKER, rundir.LOCK, *(table.file for table in rundir.TABLES.values())}
+             rundir.MARKER, rundir.LOCK, rundir.PROBE_MAPS, rundir.TENSORBOARD, rundir.TRACKERS_STATE,
+             *(table.file for table in rundir.TABLES.values())}
     assert listed == owned
     for table in rundir.TABLES.values():
         assert f"`{', '.join(table.columns)}`" in section, table.file

@@ -83,9 +83,13 @@ class RunConfig:
     evaluation: str = setting("agnostic", Options("agnostic", "oracle"))
     # draw the run's plots when it ends (1.3-1.7 s for the quickstart's 6 tasks); false leaves them to `clbench plot` (sweep cells default to false)
     plots: bool = setting(True, bool)
-    # defect test images per task whose anomaly maps are kept after every step (clbench.engine.probes: a
-    # few KB each, float16) and drawn as plots/maps_<task>.png; 0: none (large sweeps)
+    # defect test images per task whose anomaly maps are kept after every step (clbench.engine.probes: float16,
+    # ~25 KB per image and step at 128 px) and drawn as plots/maps_<task>.png; 0: none (large sweeps)
     probe_maps: int = setting(2, Interval(int, 0, None))
+    # experiment trackers mirroring the run (clbench.tracking): [] | [tensorboard] | [mlflow] | both; optional extras
+    trackers: list[str] = setting([], list)
+    # MLflow's tracking URI; null: a local file store, mlruns/ in the output directory
+    tracking_uri: str | None = setting(None, [None, Text("a tracking URI")])
     epochs_scale: float = setting(1.0, POSITIVE)  # scales trainable methods' epochs (e.g. 0.1 for short runs)
     max_epochs: int | None = setting(None, [None, POSITIVE_INT])  # caps trainable methods' epochs
     # RAM for cached frozen-backbone features; spills to disk beyond

@@ -49,7 +49,9 @@ MARKER = ".clbench-run.json"  # written first into a run folder: what --overwrit
 LOCK = LOCK_NAME  # held while a process writes the folder (``clbench.engine.locks``)
 FEATURE_CACHE = "feature_cache"  # spilled backbone features during a run
 PROBE_MAPS = "probe_maps"  # the probe images' maps after every step (clbench.engine.probes)
-WRITTEN_FOLDERS = (PLOTS, FEATURE_CACHE, PROBE_MAPS)  # folders a run writes into inside its run folder
+TENSORBOARD = "tensorboard"  # event files of the TensorBoard tracker (clbench.tracking.tensorboard)
+TRACKERS_STATE = "trackers.json"  # what each tracker logged last, and its ids (clbench.tracking)
+WRITTEN_FOLDERS = (PLOTS, FEATURE_CACHE, PROBE_MAPS, TENSORBOARD)  # folders a run writes into inside its run folder
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ SUMMARY_STATS = ("acc", "bwt", "fm", "relative_forgetting")
 # ``synthetic`` only says whether data may be generated (runs before auto|true|false saved true);
 # the dataset fingerprint checked at resume is what keeps a resume on the run's data.
 RESUME_FREE_KEYS = ("device", "feature_cache_gb", "image_cache_gb", "output_dir", "eval_batch_size", "name", "synthetic", "plots",
-                    "decode_workers", "checkpoint_every")
+                    "decode_workers", "checkpoint_every", "probe_maps", "trackers", "tracking_uri")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,6 +180,7 @@ class Experiment:
             "name": name,
         }
         self._checkpointed = False  # a checkpoint was written in this invocation
+        self._trackers = None  # clbench.tracking.TrackerSet while the loop runs, if the config names trackers
         self._started = False  # this invocation started the folder afresh (new or overwritten)
 
     # -- the run folder ------------------------------------------------------------------------
@@ -382,17 +383,35 @@ class Experiment:
         self.folder.write_env(environment_info(self.config, self.device, pool, self.categories))
         probes = (ProbeSet.open(self.run_dir, self.categories, store, self.config.probe_maps, self.config.seed)
                   if self.config.probe_maps else None)
-        for experience in experiences:
-            if experience.step <= completed:
-                continue
-            self._step(experience, method, strategy, store, pool, results, probes)
-        summary = self.summary(results, experiences, pool)
-        summary["disk_bytes"] = self.folder.disk_bytes()
-        self.folder.write_summary(summary)
-        self.folder.remove_feature_cache()
-        if self.config.plots:
-            self._plots()
+        self._trackers = self._open_trackers()
+        try:
+            if self._trackers is not None:
+                self._trackers.sync(completed)  # steps checkpointed before a kill but not yet logged
+            for experience in experiences:
+                if experience.step <= completed:
+                    continue
+                self._step(experience, method, strategy, store, pool, results, probes)
+            summary = self.summary(results, experiences, pool)
+            summary["disk_bytes"] = self.folder.disk_bytes()
+            self.folder.write_summary(summary)
+            self.folder.remove_feature_cache()
+            if self.config.plots:
+                self._plots()
+            if self._trackers is not None:
+                self._trackers.finish()
+        finally:
+            if self._trackers is not None:
+                self._trackers.close()
         warn_undefined(summary)
+
+    def _open_trackers(self):
+        """The run's trackers (clbench.tracking), or None; MLflow's default store: mlruns/ in the output directory."""
+        if not self.config.trackers:
+            return None
+        from clbench.tracking import TrackerSet
+
+        uri = self.config.tracking_uri or (Path(self.config.output_dir).resolve() / "mlruns").as_uri()
+        return TrackerSet(self.folder, self.config.trackers, self._task_index, tracking_uri=uri)
 
     def _restore(self, state: dict[str, Any], method: AnomalyMethod, strategy: Strategy) -> None:
         """Load a checked checkpoint into the method and the strategy."""
@@ -452,6 +471,8 @@ class Experiment:
                  "strategy": strategy.state_dict(), "results": results.rows()}
         self.folder.save_checkpoint(state)
         self._checkpointed = True
+        if self._trackers is not None:
+            self._trackers.sync(step)  # a step is logged once it can no longer be redone
 
     # -- summary -------------------------------------------------------------------------------
     def summary(self, results: Results, experiences: list[Experience], pool: BackbonePool) -> dict[str, Any]:

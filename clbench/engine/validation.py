@@ -42,6 +42,10 @@ def validate_run(config: RunConfig | Mapping[str, Any], source: str = "config", 
             given["backbone"] = config.backbone
         method_params = method_cls.resolve_params(given)
         strategy_params = strategy_cls.resolve_params(config.strategy_params)
+        if config.trackers:
+            from clbench.tracking import check
+
+            check(config.trackers)
     except ValueError as err:  # ConfigError, or the registry's unknown name
         if not where:
             raise
