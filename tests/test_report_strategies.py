@@ -96,3 +96,16 @@ def test_a_strategy_parameter_of_the_grid_is_in_the_label_not_a_column(tmp_path:
     _, extras = _entries(tmp_path, spec)
     assert extras == ["method_params.k"]
     assert strategy_label("ewc", {"ewc_lambda": 10}, {"ewc_lambda"}) == "ewc(ewc_lambda=10)"
+
+
+@pytest.mark.slow
+def test_the_report_draws_one_probe_panel_per_strategy_from_stored_maps(sweep: Path, tmp_path: Path) -> None:
+    """Sweep cells draw no plots; the report draws the first task's probe-map panel of one cell per
+    method and strategy setting from the maps each cell stored, and embeds it in the HTML page."""
+    report = build_report(sweep, out_dir=tmp_path / "report")
+    drawn = sorted(p.relative_to(tmp_path / "report").as_posix() for p in report.files if "/maps/" in p.as_posix())
+    first_task = sorted(pd.read_csv(sweep / "runs" / "stfpm-sequential-seed0" / "metrics.csv").eval_task)[0]
+    assert drawn == sorted(f"plots/maps/{cell}/maps_{first_task}.png" for cell in CELLS)
+    page = (tmp_path / "report" / "summary.html").read_text()
+    assert page.count("<details") >= len(CELLS) and 'src="data:image/png;base64,' in page
+    assert not list((sweep / "runs").glob("*/plots/maps_*.png"))  # nothing written into the runs

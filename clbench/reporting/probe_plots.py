@@ -49,9 +49,10 @@ def _row_scale(maps: list[np.ndarray]) -> tuple[float, float]:
     return float(low), float(high if high > low else low + 1e-6)
 
 
-def plot_probe_maps(run_dir: str | Path) -> list[Path]:
-    """Draw ``plots/maps_<task>.png`` for every task with probes; nothing (with a warning) when the
-    run kept no probe maps (``probe_maps: 0``, or a run older than them)."""
+def plot_probe_maps(run_dir: str | Path, out_dir: str | Path | None = None, tasks: int | None = None) -> list[Path]:
+    """Draw ``maps_<task>.png`` for every task with probes (the first ``tasks`` of them if given) into
+    ``out_dir`` (default: the run's ``plots/``); nothing (with a warning) when the run kept no probe
+    maps (``probe_maps: 0``, or a run older than them)."""
     run = RunFolder(run_dir)
     folder = run.path / PROBES_DIR
     if not (folder / CHOICE).is_file() or not (folder / PIXELS).is_file():
@@ -68,12 +69,38 @@ def plot_probe_maps(run_dir: str | Path) -> list[Path]:
     info = read_title_info(run.path)
     taught = info.get("taught") or {}
     written = []
-    for task, keys in by_task.items():
+    out = Path(out_dir) if out_dir is not None else run.plots_dir
+    for task, keys in list(by_task.items())[:tasks]:
         if not keys:
             continue
         written.append(_panel(task, keys, pixels, index, maps, steps, labels, metrics, taught.get(task), info,
-                              run.plots_dir / f"maps_{_safe_name(task)}.png"))
+                              out / f"maps_{_safe_name(task)}.png"))
     return written
+
+
+def report_panels(cells, out_dir: Path) -> dict[str, list[Path]]:
+    """For a sweep report: the first task's panel (where a sequence forgets most) of one cell per
+    method and strategy setting (its lowest seed), drawn into ``out_dir/<cell>/`` from the cell's stored
+    maps, for the cells that kept probe maps but drew no panels of their own (sweep cells draw no plots).
+    One per group keeps the self-contained HTML page a few MB."""
+    chosen: dict[tuple, object] = {}
+    for cell in cells:
+        if not cell.complete or not (Path(cell.run_dir) / PROBES_DIR / CHOICE).is_file():
+            continue
+        if any((Path(cell.run_dir) / "plots").glob("maps_*.png")):
+            continue  # its own panels are embedded as they are
+        group = (cell.params.get("method"), cell.params.get("strategy_label"), cell.params.get("backbone"))
+        best = chosen.get(group)
+        if best is None or (cell.params.get("seed") or 0) < (best.params.get("seed") or 0):
+            chosen[group] = cell
+    drawn = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a title field a cell lacks is not the report's problem
+        for cell in chosen.values():
+            paths = plot_probe_maps(cell.run_dir, out_dir / _safe_name(cell.name), tasks=1)
+            if paths:
+                drawn[cell.name] = paths
+    return drawn
 
 
 def _auroc(metrics, step: int, task: str) -> str:

@@ -178,11 +178,14 @@ def _write_report(out: Path, name: str, cells: list[CellInfo], extras: list[str]
     summary = summarize_cells(per_cell, extras)
     files.append(atomic.write_csv(out / "summary.csv", summary))
     plots = write_plots(name, summary, cells, extras, metric, out / "plots") if len(summary) else []
+    from clbench.reporting.probe_plots import report_panels  # matplotlib: only when a report is written
+
+    panels = report_panels(cells, out / "plots" / "maps")
     paper = paper_table(cells)
     if paper is not None:
         files.append(atomic.write_text(out / "paper_table.md", render_paper_markdown(paper)))
         files.append(atomic.write_csv(out / "paper_table.csv", paper.frame()))
-    sections = build_sections(name, summary, cells, extras, metric, plots, out, paper)
+    sections = build_sections(name, summary, cells, extras, metric, plots, out, paper, panels)
     markdown = render_markdown(sections)
     files.append(atomic.write_text(out / "summary.md", markdown))
     files.append(atomic.write_text(out / "summary.html", render_html(sections)))
@@ -190,7 +193,8 @@ def _write_report(out: Path, name: str, cells: list[CellInfo], extras: list[str]
         files.append(atomic.write_text(out / "summary.tex", render_latex(sections)))
     elif (out / "summary.tex").is_file():  # an earlier report's, now out of date
         (out / "summary.tex").unlink()
-    return Report(out, files + plots, summary, cells, markdown, paper, sections)
+    drawn = [path for paths in panels.values() for path in paths]
+    return Report(out, files + plots + drawn, summary, cells, markdown, paper, sections)
 
 
 def add_report_parser(subparsers) -> argparse.ArgumentParser:

@@ -137,13 +137,17 @@ def best_rows(values: Sequence[Cell], better: str | None) -> set[int]:
     return {i for i, v in shown.items() if v == target}
 
 
-def probe_panels(cells: Sequence[CellInfo], out_dir: Path) -> dict[str, list[Image]]:
-    """Each complete cell's probe-map panels (``<run_dir>/plots/maps_*.png``), those that exist; the
-    caption is the panel's path from the report folder."""
+def probe_panels(cells: Sequence[CellInfo], out_dir: Path, drawn: dict[str, list[Path]] | None = None
+                 ) -> dict[str, list[Image]]:
+    """Each complete cell's probe-map panels (``<run_dir>/plots/maps_*.png``) where it drew them, else
+    those the report drew from its stored maps (``drawn``: ``probe_plots.report_panels``); the caption
+    is the panel's path from the report folder."""
+    drawn = drawn or {}
     panels = {}
     for cell in cells:
         if cell.complete:
             found = [p for p in sorted((Path(cell.run_dir) / "plots").glob(MAPS_GLOB)) if p.is_file()]
+            found = found or list(drawn.get(cell.name, []))
             if found:
                 panels[cell.name] = [Image(p, os.path.relpath(p, out_dir)) for p in found]
     return panels
@@ -157,7 +161,8 @@ def paper_section(paper: "PaperTable") -> Section:
 
 
 def build_sections(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo], extras: Sequence[str],
-                   metric: str, plots: Sequence[Path], out_dir: Path, paper: "PaperTable | None" = None) -> list[Section]:
+                   metric: str, plots: Sequence[Path], out_dir: Path, paper: "PaperTable | None" = None,
+                   panels: dict[str, list[Path]] | None = None) -> list[Section]:
     """The report, in order: title, the paper's table (paper-profile sweeps), what the numbers are,
     the common settings, one table per metric (headline first), cells left out, plots, probe maps."""
     from clbench.reporting.tables import GROUP, _common, _table_metrics, _varying, leading_keys
@@ -181,7 +186,7 @@ def build_sections(name: str, summary: "pd.DataFrame", cells: Sequence[CellInfo]
     if plots:
         sections.append(Section("images", "Plots", key="plots",
                                 images=[Image(Path(p), str(Path(p).relative_to(out_dir))) for p in plots]))
-    panels = probe_panels(cells, out_dir)
-    if panels:
-        sections.append(Section("panels", "Probe maps (per run)", key="maps", panels=panels))
+    found = probe_panels(cells, out_dir, panels)
+    if found:
+        sections.append(Section("panels", "Probe maps (per run)", key="maps", panels=found))
     return sections
