@@ -9,6 +9,7 @@ pixel AUROC then; the step that taught the task is framed.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -20,8 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from clbench.engine.probes import CHOICE, PIXELS, PROBES_DIR, read_choice, read_npz, step_file  # noqa: E402
+from clbench.engine.atomic import write_with  # noqa: E402
 from clbench.engine.rundir import RunFolder, step_labels  # noqa: E402
-from clbench.reporting.plots import _safe_name, _save_atomic, format_title, read_title_info  # noqa: E402
+from clbench.reporting.plots import DPI, _safe_name, format_title, read_title_info  # noqa: E402
 
 CELL_INCHES = 1.45
 
@@ -143,4 +145,18 @@ def _panel(task, keys, pixels, index, maps, steps, labels, metrics, taught_at, i
     fig.suptitle(format_title(info, f"anomaly maps of task {task} after every step (one colour scale per row; "
                                     "framed: the step that taught it)"), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    return _save_atomic(fig, out)
+    return _save_palette_png(fig, out)
+
+
+def _save_palette_png(fig, out: Path) -> Path:
+    """The panel as a 256-colour PNG, atomically: a third of the RGB file's bytes (images and heat
+    maps blend into many colours that a palette holds well), which keeps a report's embedded panels small."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, dpi=DPI, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
+    image = Image.open(buffer).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    return write_with(out, lambda tmp: image.save(tmp, format="PNG", optimize=True))
