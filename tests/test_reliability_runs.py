@@ -370,6 +370,9 @@ def test_F11_damaged_config_yaml_on_resume(content, expected: str, data_root: Pa
 HOLD_AFTER_FIRST_CHECKPOINT = """
 import faulthandler, signal, sys, time
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack if it hangs
+# Ctrl-C as in a terminal: a test suite started in the background (nohup, `cmd &` in a script) hands its
+# children SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler: the run would hold forever
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from clbench.engine import runner
 from clbench.cli import main
 save = runner.Experiment._checkpoint
