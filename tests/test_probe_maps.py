@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from clbench.data import ImageStore, list_categories, load_category
-from clbench.engine.probes import PROBES_DIR, ProbeSet, choose_probes, read_npz, step_file
+from clbench.engine.rundir import PROBE_MAPS
+from clbench.engine.probes import ProbeSet, choose_probes, read_npz, step_file
 from helpers import engine_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -37,7 +38,7 @@ def test_a_recorded_choice_is_kept(synthetic_root: Path, tmp_path: Path) -> None
     first = ProbeSet.open(tmp_path, categories, store, 2, seed=0)
     again = ProbeSet.open(tmp_path, categories, store, 2, seed=7)
     assert again.by_task == first.by_task
-    pixels = read_npz(tmp_path / PROBES_DIR / "probes.npz")
+    pixels = read_npz(tmp_path / PROBE_MAPS / "probes.npz")
     assert list(pixels["keys"]) == first.keys and pixels["images"].shape == (len(first.keys), 3, 64, 64)
     assert pixels["masks"].dtype == bool and pixels["masks"].any(axis=(1, 2)).all()  # defects have mask pixels
 
@@ -45,7 +46,7 @@ def test_a_recorded_choice_is_kept(synthetic_root: Path, tmp_path: Path) -> None
 @pytest.mark.slow
 def test_a_run_keeps_the_maps_of_every_step_and_draws_a_panel_per_task(synthetic_root: Path, tmp_path: Path) -> None:
     run = engine_run("padim", "sequential", {}, synthetic_root, tmp_path / "runs", tasks=3)
-    folder = run / PROBES_DIR
+    folder = run / PROBE_MAPS
     record = json.loads((folder / "probes.json").read_text())
     assert record["per_task"] == 2 and len(record["probes"]) == 3
     for step in range(3):
@@ -68,5 +69,5 @@ def test_a_run_keeps_the_maps_of_every_step_and_draws_a_panel_per_task(synthetic
 @pytest.mark.slow
 def test_probe_maps_zero_keeps_nothing(synthetic_root: Path, tmp_path: Path) -> None:
     run = engine_run("padim", "sequential", {}, synthetic_root, tmp_path / "runs", probe_maps=0)
-    assert not (run / PROBES_DIR).exists() and not list((run / "plots").glob("maps_*.png"))
+    assert not (run / PROBE_MAPS).exists() and not list((run / "plots").glob("maps_*.png"))
     assert json.loads((run / "summary.json").read_text())["disk_bytes"]["probe_maps"] == 0

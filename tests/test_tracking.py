@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from clbench.engine.config import ConfigError
-from clbench.tracking import STATE_FILE, check
+from clbench.engine.rundir import TRACKERS_STATE
+from clbench.tracking import check
 from helpers import clbench_process, engine_run
 
 RUN = "padim-sequential-resnet18-seed0"
@@ -41,7 +42,7 @@ def mlflow_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def run_id_of(run_dir: Path) -> str:
-    return json.loads((run_dir / STATE_FILE).read_text())["mlflow"]["run_id"]
+    return json.loads((run_dir / TRACKERS_STATE).read_text())["mlflow"]["run_id"]
 
 
 def same(a: float, b: float, rel: float) -> bool:
@@ -112,10 +113,10 @@ def test_a_killed_run_resumes_into_the_same_tracker_runs_without_duplicate_steps
     assert client.get_run(run_id).info.status == "RUNNING"  # killed: never ended
     assert {s for steps in mlflow_history(client, run_id).values() for s, _ in steps} == {0}
     # the worst moment of a kill: step 0 is in both stores but trackers.json does not say so yet
-    state = json.loads((run_dir / STATE_FILE).read_text())
+    state = json.loads((run_dir / TRACKERS_STATE).read_text())
     for name in ("tensorboard", "mlflow"):
         state[name]["last_step"] = -1
-    (run_dir / STATE_FILE).write_text(json.dumps(state))
+    (run_dir / TRACKERS_STATE).write_text(json.dumps(state))
 
     resumed = clbench_process(args + ["--resume"])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()

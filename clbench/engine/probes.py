@@ -20,8 +20,8 @@ import numpy as np
 
 from clbench.data import Category, ImageStore
 from clbench.engine import atomic, seeding
+from clbench.engine.rundir import PROBE_MAPS
 
-PROBES_DIR = "probe_maps"
 CHOICE = "probes.json"
 PIXELS = "probes.npz"
 
@@ -56,7 +56,7 @@ class ProbeSet:
     @classmethod
     def open(cls, run_dir: Path, categories: Sequence[Category], store: ImageStore, per_task: int, seed: int) -> "ProbeSet":
         """The recorded choice of a resumed run, or a new one recorded with its pixels and masks."""
-        folder = Path(run_dir) / PROBES_DIR
+        folder = Path(run_dir) / PROBE_MAPS
         choice = folder / CHOICE
         if choice.is_file():
             return cls(folder, read_choice(choice))
@@ -78,9 +78,6 @@ class ProbeSet:
         stacked = np.stack([maps[key].astype(np.float16) for key in self.keys]) if self.keys else np.zeros((0, 1, 1), np.float16)
         return write_npz(self.folder / step_file(step), keys=np.array(self.keys, dtype=str), maps=stacked)
 
-    def nbytes(self) -> int:
-        """Disk bytes of the probe files (the run's summary reports them)."""
-        return sum(p.stat().st_size for p in self.folder.glob("*") if p.is_file())
 
 
 def read_choice(path: Path) -> dict[str, list[str]]:

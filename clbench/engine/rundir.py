@@ -49,6 +49,7 @@ MARKER = ".clbench-run.json"  # written first into a run folder: what --overwrit
 LOCK = LOCK_NAME  # held while a process writes the folder (``clbench.engine.locks``)
 FEATURE_CACHE = "feature_cache"  # spilled backbone features during a run
 PROBE_MAPS = "probe_maps"  # the probe images' maps after every step (clbench.engine.probes)
+PANEL_GLOB = "maps_*.png"  # the panels drawn from them in a plots folder (clbench.reporting.probe_plots)
 TENSORBOARD = "tensorboard"  # event files of the TensorBoard tracker (clbench.tracking.tensorboard)
 TRACKERS_STATE = "trackers.json"  # what each tracker logged last, and its ids (clbench.tracking)
 WRITTEN_FOLDERS = (PLOTS, FEATURE_CACHE, PROBE_MAPS, TENSORBOARD)  # folders a run writes into inside its run folder

@@ -2,7 +2,6 @@
 (``paper_table``), markdown, HTML and the console only render it."""
 from __future__ import annotations
 
-import html
 import math
 import numbers
 import re
@@ -173,12 +172,3 @@ def render_paper_markdown(table: PaperTable) -> str:
     lines.append("")
     lines += [f"- {note}" for note in table.notes()]
     return "\n".join(lines) + "\n"
-
-
-def render_paper_html(table: PaperTable) -> str:
-    import pandas as pd
-
-    title = f"The paper's table: {table.profile}" + (f" ({table.title})" if table.title else "")
-    frame = pd.DataFrame(table.body(), columns=table.headers())
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in table.notes())
-    return f"<h2>{html.escape(title)}</h2>" + frame.to_html(index=False, escape=True, border=0) + f"<ul>{notes}</ul>"

@@ -20,9 +20,9 @@ matplotlib.use("Agg")  # must precede the pyplot import: plots run headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clbench.engine.probes import CHOICE, PIXELS, PROBES_DIR, read_choice, read_npz, step_file  # noqa: E402
+from clbench.engine.probes import CHOICE, PIXELS, read_choice, read_npz, step_file  # noqa: E402
 from clbench.engine.atomic import write_with  # noqa: E402
-from clbench.engine.rundir import RunFolder, step_labels  # noqa: E402
+from clbench.engine.rundir import PANEL_GLOB, PROBE_MAPS, RunFolder, step_labels  # noqa: E402
 from clbench.reporting.plots import DPI, _safe_name, format_title, read_title_info  # noqa: E402
 
 CELL_INCHES = 1.45
@@ -56,7 +56,7 @@ def plot_probe_maps(run_dir: str | Path, out_dir: str | Path | None = None, task
     ``out_dir`` (default: the run's ``plots/``); nothing (with a warning) when the run kept no probe
     maps (``probe_maps: 0``, or a run older than them)."""
     run = RunFolder(run_dir)
-    folder = run.path / PROBES_DIR
+    folder = run.path / PROBE_MAPS
     if not (folder / CHOICE).is_file() or not (folder / PIXELS).is_file():
         warnings.warn(f"{folder}: no probe maps recorded (probe_maps: 0, or an older run); skipping the map panels",
                       stacklevel=2)
@@ -87,9 +87,9 @@ def report_panels(cells, out_dir: Path) -> dict[str, list[Path]]:
     One per group keeps the self-contained HTML page a few MB."""
     chosen: dict[tuple, object] = {}
     for cell in cells:
-        if not cell.complete or not (Path(cell.run_dir) / PROBES_DIR / CHOICE).is_file():
+        if not cell.complete or not (Path(cell.run_dir) / PROBE_MAPS / CHOICE).is_file():
             continue
-        if any((Path(cell.run_dir) / "plots").glob("maps_*.png")):
+        if any((Path(cell.run_dir) / "plots").glob(PANEL_GLOB)):
             continue  # its own panels are embedded as they are
         group = (cell.params.get("method"), cell.params.get("strategy_label"), cell.params.get("backbone"))
         best = chosen.get(group)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from clbench.engine.rundir import PANEL_GLOB
 from clbench.reporting.cells import STATS, CellInfo
 
 
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from clbench.reporting.paper import PaperTable
 
 BETTER = {"ACC": "high", "BWT": "high", "FM": "low"}  # memory columns: no better direction, never bolded
-MAPS_GLOB = "maps_*.png"  # per-run probe-map panels (plots/maps_<task>.png), embedded by the HTML report
 
 
 @dataclass
@@ -146,7 +146,7 @@ def probe_panels(cells: Sequence[CellInfo], out_dir: Path, drawn: dict[str, list
     panels = {}
     for cell in cells:
         if cell.complete:
-            found = [p for p in sorted((Path(cell.run_dir) / "plots").glob(MAPS_GLOB)) if p.is_file()]
+            found = [p for p in sorted((Path(cell.run_dir) / "plots").glob(PANEL_GLOB)) if p.is_file()]
             found = found or list(drawn.get(cell.name, []))
             if found:
                 panels[cell.name] = [Image(p, os.path.relpath(p, out_dir)) for p in found]

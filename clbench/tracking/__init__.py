@@ -36,7 +36,6 @@ TRACKERS: dict[str, tuple[str, str, str, str]] = {
     "tensorboard": ("clbench.tracking.tensorboard", "TensorBoardTracker", "tensorboard", "tensorboard"),
     "mlflow": ("clbench.tracking.mlflow", "MLflowTracker", "mlflow", "mlflow"),
 }
-STATE_FILE = TRACKERS_STATE  # in the run folder: per tracker, the last step it logged and its own ids
 
 
 class Tracker(ABC):
@@ -97,7 +96,7 @@ class TrackerSet:
         check(names)
         self.folder = folder
         self.taught = dict(taught)  # category -> the step that taught it (the runner's schedule)
-        self.path = folder.path / STATE_FILE
+        self.path = folder.path / TRACKERS_STATE
         saved = read_mapping(self.path) if self.path.is_file() else {}
         self.states: dict[str, dict[str, Any]] = {n: dict(saved.get(n) or {}) for n in names}
         group = group_of(folder.path)
@@ -154,6 +153,7 @@ def step_values(folder: RunFolder, step: int, taught: dict[str, int]) -> dict[st
     ``memory/<component>`` (bytes) and ``train/<key>`` (the step's training record, epoch rows left out)."""
     import numpy as np
 
+    from clbench.engine.evaluation import TASK_ID_METRIC
     from clbench.engine.rundir import accuracy_matrix
     from clbench.metrics.forgetting import summarize
 
@@ -164,7 +164,7 @@ def step_values(folder: RunFolder, step: int, taught: dict[str, int]) -> dict[st
         values[f"metric/{row.metric}/{row.eval_task}"] = float(row.value)
     tasks = list(dict.fromkeys(str(t) for t in metrics["eval_task"]))
     for metric in sorted(set(now["metric"])):
-        if metric == "task_id_accuracy":
+        if metric == TASK_ID_METRIC:
             continue
         R = accuracy_matrix(metrics[metrics["step"] <= step], metric, tasks).to_numpy(dtype=float)
         seen = [j for j, t in enumerate(tasks) if taught.get(t, step + 1) <= step]  # tasks taught so far
