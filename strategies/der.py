@@ -23,19 +23,19 @@ from typing import Any, Mapping
 
 import torch
 
-from clbench.data import Batch, SampleSet
+from clbench.data import SampleSet
 from clbench.params import NON_NEGATIVE, Param
 from methods.base import AnomalyMethod
 from methods.training import Callback, TrainContext
 from strategies.base import STRATEGIES, Experience, StrategyCallback, tensor_bytes
+from strategies.buffers import ImageCodec
 from strategies.replaying import ReplayBase
 
 
 def output_bytes_per_image(method: AnomalyMethod, image_size: int) -> int:
     """Bytes DER++ stores per image (fp32 ``continual_outputs``), from one blank image through the
     method in eval mode (its key is no dataset's: ``clbench-memory-probe``)."""
-    probe = Batch(pixels=torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8), keys=["clbench-memory-probe"],
-                  labels=torch.zeros(1, dtype=torch.int64), masks=torch.zeros(1, image_size, image_size, dtype=torch.bool))
+    probe = ImageCodec().batch(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8), ["clbench-memory-probe"])
     training = method.training
     method.eval()
     with torch.no_grad():
@@ -68,7 +68,7 @@ class DER(ReplayBase):
     needs_gradients = True
 
     hyperparameters = {
-        **{key: Param(ReplayBase.hyperparameters[key], ReplayBase.parameter_constraints[key]) for key in ReplayBase.hyperparameters},
+        **ReplayBase.hyperparameters,  # plain defaults: their constraints are inherited (Parameterised)
         "alpha": Param(0.5, NON_NEGATIVE, "weight of the stored-output distillation (DER++'s alpha)"),
     }
 
@@ -112,7 +112,7 @@ class DER(ReplayBase):
         """The images as replay's, and with a ``method`` its fp32 outputs for each of them."""
         resolved = cls.resolve_params(params)
         outputs = 0 if method is None else resolved["buffer_size"] * output_bytes_per_image(method, image_size)
-        return super().analytic_memory({k: v for k, v in params.items() if k != "alpha"}, image_size) | {"strategy_state": outputs}
+        return super().analytic_memory(params, image_size) | {"strategy_state": outputs}
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {"outputs": {key: dict(value) for key, value in self.outputs.items()}}

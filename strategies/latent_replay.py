@@ -116,13 +116,12 @@ class LatentReplay(ReplayBase):
     """Replay of frozen-backbone features instead of images (module docstring)."""
 
     hyperparameters = {
-        **{key: Param(ReplayBase.hyperparameters[key], ReplayBase.parameter_constraints[key]) for key in ReplayBase.hyperparameters},
+        **ReplayBase.hyperparameters,  # plain defaults: their constraints are inherited (Parameterised)
         "dtype": Param("float16", Options(*LATENT_DTYPES), "precision of the stored features (float32: replay exactly)"),
     }
 
     def codec(self) -> ItemCodec:
-        self.latent_codec = LatentCodec(self.params["dtype"])
-        return self.latent_codec
+        return LatentCodec(self.params["dtype"])
 
     def check_method(self, method: AnomalyMethod) -> None:
         if not method.trains_on_frozen_features:
@@ -134,11 +133,10 @@ class LatentReplay(ReplayBase):
 
     def before_step(self, method: AnomalyMethod, experience: Experience) -> None:
         """The buffer encodes and the stream mixes with this method's features (a combination's member too)."""
-        self.method = method
-        self.latent_codec.bind(method)
+        self.buffer.codec.bind(method)
 
     def training_stream(self, experience: Experience, current: SampleSet) -> TrainStream:
-        return LatentReplayStream(current, self.buffer, self.method)
+        return LatentReplayStream(current, self.buffer, self.buffer.codec.method)
 
     @classmethod
     def analytic_memory(cls, params: Mapping[str, Any], image_size: int,
