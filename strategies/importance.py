@@ -32,7 +32,10 @@ def mean_gradient_statistic(ctx: TrainContext, objective: Callable[[Any], torch.
     model as it was. The gradients are cleared; the modules end in eval mode, as training leaves them."""
     params = trained_parameters(ctx)
     sums = {name: torch.zeros_like(p) for name, p in params.items()}
-    buffers = {name: b.detach().clone() for name, b in ctx.method.named_buffers()} if train_mode else {}
+    # only the trained modules run in train mode, so only their buffers (batch-norm statistics) can move:
+    # not e.g. CFA's memory bank, the method's largest buffer
+    moving = {id(b) for module in ctx.modules for b in module.buffers()} if train_mode else set()
+    buffers = {name: b.detach().clone() for name, b in ctx.method.named_buffers() if id(b) in moving}
     for module in ctx.modules:
         module.train(train_mode)
     count = 0
